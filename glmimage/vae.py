@@ -1,0 +1,99 @@
+"""The VAE: diffusers' AutoencoderKL (16 latent channels, 8x down) with GLM-Image's per-channel latent statistics.
+
+GLM-Image normalises latents per channel, `z = (mode(q(z|x)) - mean) / std`, and decodes `x * std + mean`;
+the config's `scaling_factor` is never used. Decoding above `tile_pixels` runs in overlapping tiles, so memory
+stays bounded at any resolution.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class VAE:
+    def __init__(self, model, mean: list[float], std: list[float]):
+        self.model = model                                            # diffusers AutoencoderKL
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = 2 ** (len(model.config.block_out_channels) - 1)  # 8 for the official VAE
+        self.tile_pixels = 1024 * 1024                                # decode tiled above this many pixels
+
+    @classmethod
+    def from_folder(cls, folder: Path, device, dtype) -> "VAE":
+        from diffusers import AutoencoderKL
+        model = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype).to(device).eval()
+        cfg = model.config
+        mean = cfg.latents_mean if cfg.latents_mean is not None else [0.0] * cfg.latent_channels
+        std = cfg.latents_std if cfg.latents_std is not None else [1.0] * cfg.latent_channels
+        return cls(model, mean, std)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B,3,H,W] in [-1,1] -> normalised latents [B,C,H/8,W/8] (the posterior mode, not a sample)."""
+        z = self.model.encode(pixels.to(self.device, self.dtype)).latent_dist.mode()  # [B,C,h,w]
+        return (z - self.mean.to(z)) / self.std.to(z)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """normalised latents [B,C,h,w] -> pixels [B,3,8h,8w] in [-1,1] (not clamped)."""
+        z = latents.to(self.device, self.dtype)
+        z = z * self.std.to(z) + self.mean.to(z)                                        # [B,C,h,w]
+        if z.shape[-2] * z.shape[-1] * self.scale ** 2 > self.tile_pixels:
+            return self._decode_tiled(z)
+        return self.model.decode(z).sample
+
+    def _decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """Decode overlapping latent tiles and blend them linearly across the overlaps."""
+        B, _, h, w = z.shape
+        s = self.scale
+        out = torch.zeros(B, 3, h * s, w * s, dtype=torch.float32, device=z.device)
+        weight = torch.zeros(1, 1, h * s, w * s, dtype=torch.float32, device=z.device)
+        step = tile - overlap
+        for y0 in range(0, max(h - overlap, 1), step):
+            for x0 in range(0, max(w - overlap, 1), step):
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                ya, xa = max(y1 - tile, 0), max(x1 - tile, 0)
+                px = self.model.decode(z[:, :, ya:y1, xa:x1]).sample.float()          # [B,3,th*s,tw*s]
+                ramp_y = _ramp(y1 - ya, overlap, ya > 0, y1 < h, s).to(z.device)
+                ramp_x = _ramp(x1 - xa, overlap, xa > 0, x1 < w, s).to(z.device)
+                wgt = ramp_y[:, None] * ramp_x[None, :]                                 # [th*s, tw*s]
+                out[:, :, ya * s:y1 * s, xa * s:x1 * s] += px * wgt
+                weight[:, :, ya * s:y1 * s, xa * s:x1 * s] += wgt
+        return (out / weight).to(z.dtype)
+
+
+def _ramp(n: int, overlap: int, ramp_in: bool, ramp_out: bool, s: int) -> torch.Tensor:
+    """Blend weights along one axis of a tile of n latents: linear ramps over the overlaps, 1 elsewhere."""
+    r = torch.ones(n * s)
+    k = overlap * s
+    if ramp_in:
+        r[:k] = torch.linspace(0, 1, k + 2)[1:-1]
+    if ramp_out:
+        r[-k:] = torch.minimum(r[-k:], torch.linspace(1, 0, k + 2)[1:-1])
+    return r
+
+
+def pil_to_pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """PIL -> [1,3,H,W] in [-1,1], Lanczos-resized to (height, width) like diffusers' VaeImageProcessor."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)                 # [H,W,3]
+    return (x.permute(2, 0, 1)[None] * 2 - 1).contiguous()
+
+
+def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """[B,3,H,W] in [-1,1] -> PIL images, rounded like diffusers' postprocess."""
+    x = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()     # [B,H,W,3]
+    return [Image.fromarray((im * 255).round().astype("uint8")) for im in x]
