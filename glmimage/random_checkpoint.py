@@ -180,8 +180,11 @@ def hf_configs(preset: dict, text_vocab: int) -> dict:
         "vq_config": {"model_type": "glm_image_vqmodel", "embed_dim": preset["vq_embed_dim"],
                       "num_embeddings": codebook, "latent_channels": vit["hidden_size"], "in_channels": 3},
     }
+    # Random weights put mass on BOI/EOI/unused ids mid-grid, where the reference stops early and crashes
+    # (glm-image.md 3.3); suppress_tokens keeps transformers' generate on code ids so the reference can run on
+    # these checkpoints. The official file has no such entry; glmimage masks those ids itself.
     generation = {"do_sample": True, "temperature": 0.9, "top_p": 0.75, "eos_token_id": codebook + 1,
-                  "pad_token_id": image_token_id}
+                  "pad_token_id": image_token_id, "suppress_tokens": list(range(codebook, vision_vocab))}
     t5 = preset["t5"]
     text_encoder = dict(vocab_size=384, d_model=t5["d_model"], d_kv=t5["d_kv"], d_ff=t5["d_ff"],
                         num_layers=t5["num_layers"], num_heads=t5["num_heads"], feed_forward_proj="gated-gelu",
