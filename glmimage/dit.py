@@ -1,0 +1,347 @@
+"""GLM-Image diffusion decoder: a single-stream DiT (CogView4 lineage) that predicts the flow velocity.
+
+Conditioning (reference: /work/shared/reference/glm-image.md, Part B §1):
+- prior tokens (the AR's VQ ids, upsampled to the 16 px token grid) are embedded, projected and *added* to the
+  patch embeddings; the CFG-unconditional branch zeroes the embedding (the projector's bias path still adds);
+- glyph tokens (ByT5 embeddings of the quoted prompt substrings) are the only text tokens of the joint attention;
+- vec = silu(MLP(sincos(t)) + MLP(sincos(crop_top, crop_left, H_px, W_px))) drives AdaLN-Zero: 12 vectors per
+  block, image/text interleaved, text and image sharing every other weight (QKV, out, FFN);
+- 2-D rotate-half RoPE on the image tokens only, positions from (0, 0);
+- image-to-image: every layer's keys/values of the reference images, computed once at t=0 with no text tokens
+  (`DiT.reference_kv`), are prepended to the keys/values of the conditional branch.
+
+State-dict keys are identical to diffusers' `GlmImageTransformer2DModel`; that is why the module names read
+`net.0.proj`, `to_out.0`, `norm1.linear`. No buffers: the model builds on the meta device and loads with
+`assign=True`. RoPE tables and sinusoids are computed per call in fp32.
+
+Legend: B batch, C latent channels, H×W latent size, p patch size, h×w = (H/p)×(W/p) token grid, N = h·w image
+tokens, T glyph tokens, L reference tokens, D = nh·hd model width, nh heads, hd head dim, E time-embedding width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROPE_THETA = 10000.0
+KV = tuple[Tensor, Tensor]  # one layer's (k, v), each [B, S, nh, hd], post-QK-LN and post-RoPE
+
+
+@dataclass
+class DiTConfig:
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    num_layers: int = 30
+    attention_head_dim: int = 128
+    num_attention_heads: int = 32
+    text_embed_dim: int = 1472  # ByT5 d_model
+    time_embed_dim: int = 512  # E
+    condition_dim: int = 256  # sincos width of each of crop_top, crop_left, H_px, W_px
+    prior_vq_quantizer_codebook_size: int = 16384
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_hf(cls, d: dict) -> DiTConfig:
+        """From the official `transformer/config.json` (every field required; `_class_name` etc. ignored)."""
+        return cls(**{name: d[name] for name in cls.__dataclass_fields__})
+
+    @classmethod
+    def from_name(cls, name: str) -> DiTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    # every LayerNorm of this model: no affine, eps 1e-5
+    return F.layer_norm(x, x.shape[-1:], eps=1e-5)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def sincos(t: Tensor, dim: int) -> Tensor:
+    """[M] -> [M, dim] fp32 sinusoids, cos half first (diffusers `Timesteps(flip_sin_to_cos=True, shift=0)`)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)  # [dim/2]
+    args = t.float()[:, None] * freqs[None]  # [M, dim/2]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_table(h: int, w: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin [N, hd] fp32 for the h×w grid: per token [row·f | col·f] (hd/4 freqs each), duplicated to hd."""
+    d = head_dim // 2  # channels per axis
+    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))  # [d/2]
+    rows = torch.arange(h, dtype=torch.float32, device=device)[:, None] * inv_freq  # [h, d/2]
+    cols = torch.arange(w, dtype=torch.float32, device=device)[:, None] * inv_freq  # [w, d/2]
+    freqs = torch.cat([rows[:, None].expand(h, w, -1), cols[None].expand(h, w, -1)], dim=-1).reshape(h * w, d)
+    freqs = torch.cat([freqs, freqs], dim=-1)  # [N, hd]
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate-half RoPE in fp32: x [B, N, nh, hd], x = [x1 | x2] -> x·cos + [-x2 | x1]·sin."""
+    cos, sin = rope[0][:, None], rope[1][:, None]  # [N, 1, hd]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """[B, C, H, W] -> [B, N, C·p·p]; feature index c·p·p + py·p + px (channel-major), tokens row-major."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x: Tensor, h: int, w: int, p: int) -> Tensor:
+    """[B, N, C·p·p] -> [B, C, h·p, w·p], the inverse of `patchify`."""
+    B = x.shape[0]
+    x = x.reshape(B, h, w, -1, p, p).permute(0, 3, 1, 4, 2, 5)  # [B, C, h, p, w, p]
+    return x.reshape(B, -1, h * p, w * p)
+
+
+def concat_kv(kvs: list[list[KV]]) -> list[KV]:
+    """Join several references' per-layer K/V along the sequence (several reference images for one sample)."""
+    return [(torch.cat([kv[i][0] for kv in kvs], dim=1), torch.cat([kv[i][1] for kv in kvs], dim=1))
+            for i in range(len(kvs[0]))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks. The thin holder classes exist only to reproduce the checkpoint's key names.
+
+
+class Proj(nn.Module):
+    """A Linear stored under the key `proj`."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+
+class Modulation(nn.Module):
+    """AdaLN projection vec [B, E] -> [B, k·D], stored under the key `linear` (`norm1`, `norm_out`)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+
+class MLP(nn.Module):
+    """Linear -> act -> Linear, in diffusers' FeedForward layout: `net.0.proj`, `net.1` (dropout slot), `net.2`."""
+
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, act: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.net = nn.ModuleList([Proj(dim_in, hidden), nn.Identity(), nn.Linear(hidden, dim_out)])
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net[2](self.act(self.net[0].proj(x)))
+
+
+class SiLUMLP(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers TimestepEmbedding / PixArtAlphaTextProjection layout)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim_out)
+        self.linear_2 = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeConditionEmbed(nn.Module):
+    """vec = silu(MLP(sincos_E(t)) + MLP(cat[sincos(crop_top), sincos(crop_left), sincos(H_px), sincos(W_px)]))."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.time_dim, self.condition_dim = cfg.time_embed_dim, cfg.condition_dim
+        self.timestep_embedder = SiLUMLP(cfg.time_embed_dim, cfg.time_embed_dim)
+        self.condition_embedder = SiLUMLP(4 * cfg.condition_dim, cfg.time_embed_dim)
+
+    def forward(self, timestep: Tensor, target_size: Tensor, crop: Tensor) -> Tensor:
+        B = timestep.shape[0]
+        dtype = self.timestep_embedder.linear_1.weight.dtype
+        t = sincos(timestep, self.time_dim)  # [B, E] fp32
+        cond = sincos(torch.cat([crop, target_size], dim=1).flatten(), self.condition_dim).view(B, -1)  # [B, 4·cd]
+        # the sinusoids are fp32; the MLPs run in the weights' dtype
+        return F.silu(self.timestep_embedder(t.to(dtype)) + self.condition_embedder(cond.to(dtype)))  # [B, E]
+
+
+class Attention(nn.Module):
+    """Joint attention over [text | image] with shared weights; QK-LN over hd; RoPE on the image part only."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.dim
+        self.num_heads = cfg.num_attention_heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.to_out = nn.ModuleList([nn.Linear(D, D)])
+
+    def qkv(self, h: Tensor, num_txt: int, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        B, S, _ = h.shape  # h: [B, T+N, D], text first
+        q = layer_norm(self.to_q(h).view(B, S, self.num_heads, -1))  # [B, S, nh, hd]
+        k = layer_norm(self.to_k(h).view(B, S, self.num_heads, -1))  # [B, S, nh, hd]
+        v = self.to_v(h).view(B, S, self.num_heads, -1)  # [B, S, nh, hd]
+        q = torch.cat([q[:, :num_txt], apply_rope(q[:, num_txt:], rope)], dim=1)
+        k = torch.cat([k[:, :num_txt], apply_rope(k[:, num_txt:], rope)], dim=1)
+        return q, k, v
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # q: [B, S, nh, hd]; k, v: [B, S_kv, nh, hd] (S_kv = L + S with a reference prefix). No mask.
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B,nh,S,hd]
+        return self.to_out[0](o.transpose(1, 2).flatten(2))  # [B, S, D]
+
+
+class DiTBlock(nn.Module):
+    """Single-stream block: image and text share QKV/out/FFN weights and differ only in their AdaLN vectors."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.dim
+        self.norm1 = Modulation(cfg.time_embed_dim, 12 * D)
+        self.attn1 = Attention(cfg)
+        self.ff = MLP(D, 4 * D, D, partial(F.gelu, approximate="tanh"))
+
+    def forward(self, x: Tensor, c: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor],
+                ref_kv: KV | None = None) -> tuple[Tensor, Tensor, KV]:
+        """x [B, N, D] image, c [B, T, D] text, vec [B, E]. Returns x, c and this layer's own (k, v)."""
+        B, T = c.shape[:2]
+        (shift, c_shift, scale, c_scale, gate, c_gate,
+         shift2, c_shift2, scale2, c_scale2, gate2, c_gate2) = self.norm1.linear(vec)[:, None].chunk(12, dim=-1)
+        h = torch.cat([modulate(layer_norm(c), c_shift, c_scale), modulate(layer_norm(x), shift, scale)], dim=1)
+        q, k, v = self.attn1.qkv(h, T, rope)  # [B, T+N, nh, hd]
+        kv = (k, v)
+        if ref_kv is not None:  # i2i conditional branch: [reference | text | image] keys and values
+            k = torch.cat([ref_kv[0].expand(B, -1, -1, -1), k], dim=1)  # [B, L+T+N, nh, hd]
+            v = torch.cat([ref_kv[1].expand(B, -1, -1, -1), v], dim=1)
+        a = self.attn1(q, k, v)  # [B, T+N, D]
+        c = c + a[:, :T] * c_gate
+        x = x + a[:, T:] * gate
+        x = x + self.ff(modulate(layer_norm(x), shift2, scale2)) * gate2
+        c = c + self.ff(modulate(layer_norm(c), c_shift2, c_scale2)) * c_gate2
+        return x, c, kv
+
+    def image_kv(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> KV:
+        """(k, v) of image tokens with no text: all that the reference pass needs from the last block."""
+        shift, _, scale = self.norm1.linear(vec)[:, None].chunk(12, dim=-1)[:3]
+        _, k, v = self.attn1.qkv(modulate(layer_norm(x), shift, scale), 0, rope)
+        return k, v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+class Context(NamedTuple):
+    """Everything of one CFG branch that stays fixed across the denoising steps."""
+
+    txt: Tensor  # [B, T, D] projected glyph tokens
+    prior: Tensor  # [B, N, D] projected prior embedding ([1, 1, D] when dropped: the constant bias path)
+    rope: tuple[Tensor, Tensor]  # cos, sin [N, hd] fp32
+    ref_kv: list[KV] | None  # per layer (k, v) [1 or B, L, nh, hd], prepended to the keys/values; None: no prefix
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.dim, cfg.patch_size
+        self.image_projector = Proj(cfg.in_channels * p * p, D)
+        self.glyph_projector = MLP(cfg.text_embed_dim, D, D, F.gelu)  # exact (erf) GELU
+        self.prior_token_embedding = nn.Embedding(cfg.prior_vq_quantizer_codebook_size, D)
+        self.prior_projector = MLP(D, D, D, F.silu)
+        self.time_condition_embed = TimeConditionEmbed(cfg)
+        self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = Modulation(cfg.time_embed_dim, 2 * D)
+        self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
+
+    def embed_vec(self, timestep: Tensor, target_size: Tensor, crop: Tensor) -> Tensor:
+        """timestep [B] (the DiT's t, i.e. schedule t − 1), target_size [B, 2] (H_px, W_px), crop [B, 2] -> [B, E].
+
+        Identical for both CFG branches of a step."""
+        return self.time_condition_embed(timestep, target_size, crop)
+
+    def context(self, glyph: Tensor, prior_ids: Tensor, prior_drop: bool, grid: tuple[int, int],
+                ref_kv: list[KV] | None = None) -> Context:
+        """glyph [B, T, text_embed_dim], prior_ids [B, N] long on the h×w `grid` -> Context (reusable per step)."""
+        txt = self.glyph_projector(glyph)  # [B, T, D]
+        if prior_drop:  # zero embedding; the projector still adds W2·silu(b1) + b2 to every token
+            prior = self.prior_projector(txt.new_zeros(1, 1, self.cfg.dim))  # [1, 1, D]
+        else:
+            prior = self.prior_projector(self.prior_token_embedding(prior_ids))  # [B, N, D]
+        rope = rope_table(*grid, self.cfg.attention_head_dim, glyph.device)
+        return Context(txt, prior, rope, ref_kv)
+
+    def velocity(self, x: Tensor, ctx: Context, vec: Tensor) -> Tensor:
+        """x [B, C, H, W] latents (any float dtype; cast to the weights' dtype), vec [B, E] -> v [B, C, H, W]."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        x = x.to(self.proj_out.weight.dtype)
+        x = self.image_projector.proj(patchify(x, p)) + ctx.prior  # [B, N, D]
+        c = ctx.txt  # [B, T, D]
+        for i, block in enumerate(self.transformer_blocks):
+            x, c, _ = block(x, c, vec, ctx.rope, None if ctx.ref_kv is None else ctx.ref_kv[i])
+        scale, shift = self.norm_out.linear(vec)[:, None].chunk(2, dim=-1)  # [B, 1, D] each; scale comes first
+        x = self.proj_out(modulate(layer_norm(x), shift, scale))  # [B, N, p·p·C]; the text stream is dropped
+        return unpatchify(x, H // p, W // p, p)  # [B, C, H, W]
+
+    def forward(self, x: Tensor, glyph: Tensor, prior_ids: Tensor, prior_drop: bool, timestep: Tensor,
+                target_size: Tensor, crop: Tensor, ref_kv: list[KV] | None = None) -> Tensor:
+        """One denoiser call. x [B, C, H, W], glyph [B, T, Dt], prior_ids [B, N] long, timestep [B] float,
+        target_size [B, 2] (H_px, W_px), crop [B, 2], ref_kv from `reference_kv` (conditional branch only)."""
+        p = self.cfg.patch_size
+        ctx = self.context(glyph, prior_ids, prior_drop, (x.shape[2] // p, x.shape[3] // p), ref_kv)
+        return self.velocity(x, ctx, self.embed_vec(timestep, target_size, crop))
+
+    def reference_kv(self, ref_latents: Tensor, ref_prior_ids: Tensor, ref_size: tuple[int, int]) -> list[KV]:
+        """i2i prefix: per-layer (k, v) [B, L, nh, hd] of reference latents [B, C, h·p, w·p] with prior ids
+        [B, L], at timestep 0, no text tokens, crop 0, target size = the reference's (H_px, W_px).
+
+        Stops after the last layer's K/V (its attention, FFN and the output head would be unused). For several
+        reference images of one sample, join the results with `concat_kv`."""
+        B, _, H, W = ref_latents.shape
+        p = self.cfg.patch_size
+        zeros = ref_latents.new_zeros(B, dtype=torch.float32)
+        size = torch.tensor([ref_size], dtype=torch.float32, device=ref_latents.device).expand(B, 2)
+        vec = self.embed_vec(zeros, size, torch.zeros_like(size))  # [B, E]
+        rope = rope_table(H // p, W // p, self.cfg.attention_head_dim, ref_latents.device)
+        x = ref_latents.to(self.proj_out.weight.dtype)
+        x = self.image_projector.proj(patchify(x, p)) + self.prior_projector(self.prior_token_embedding(ref_prior_ids))
+        c = x.new_zeros(B, 0, self.cfg.dim)  # no text tokens
+        kvs = []
+        for block in self.transformer_blocks[:-1]:
+            x, c, kv = block(x, c, vec, rope)
+            kvs.append(kv)
+        kvs.append(self.transformer_blocks[-1].image_kv(x, vec, rope))
+        return kvs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets (fields of the official transformer/config.json that differ between sizes)
+
+PRESETS: dict[str, dict] = {
+    # matches glmimage.random_checkpoint "debug" (tiny T5 d_model 32, codebook 128)
+    "debug": dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, text_embed_dim=32, time_embed_dim=32,
+                  condition_dim=16, prior_vq_quantizer_codebook_size=128),
+    # official depth at reduced width, for CPU benchmarks (random_checkpoint "medium")
+    "medium": dict(num_layers=30, attention_head_dim=64, num_attention_heads=8, text_embed_dim=256),
+    # zai-org/GLM-Image transformer/config.json
+    "full": dict(num_layers=30, attention_head_dim=128, num_attention_heads=32, text_embed_dim=1472),
+}
