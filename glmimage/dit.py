@@ -238,7 +238,7 @@ class DiTBlock(nn.Module):
         c = c + self.ff(modulate(layer_norm(c), c_shift2, c_scale2)) * c_gate2
         return x, c, kv
 
-    def image_kv(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> KV:
+    def kv_only(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> KV:
         """(k, v) of image tokens with no text: all that the reference pass needs from the last block."""
         shift, _, scale = self.norm1.linear(vec)[:, None].chunk(12, dim=-1)[:3]
         _, k, v = self.attn1.qkv(modulate(layer_norm(x), shift, scale), 0, rope)
@@ -310,26 +310,33 @@ class DiT(nn.Module):
         ctx = self.context(glyph, prior_ids, prior_drop, (x.shape[2] // p, x.shape[3] // p), ref_kv)
         return self.velocity(x, ctx, self.embed_vec(timestep, target_size, crop))
 
-    def reference_kv(self, ref_latents: Tensor, ref_prior_ids: Tensor, ref_size: tuple[int, int]) -> list[KV]:
-        """i2i prefix: per-layer (k, v) [B, L, nh, hd] of reference latents [B, C, h·p, w·p] with prior ids
-        [B, L], at timestep 0, no text tokens, crop 0, target size = the reference's (H_px, W_px).
+    def reference_kv(self, latents: list[Tensor], prior_ids: list[Tensor],
+                     sizes: list[tuple[int, int]]) -> list[KV]:
+        """i2i prefix of one or more reference images, joined along the sequence: per layer (k, v) [B, L, nh, hd].
 
-        Stops after the last layer's K/V (its attention, FFN and the output head would be unused). For several
-        reference images of one sample, join the results with `concat_kv`."""
-        B, _, H, W = ref_latents.shape
+        Image j: latents [B, C, h·p, w·p], prior ids [B, h·w] long, sizes[j] = its (H_px, W_px). The batch B is
+        1 (shared by every sample) or the denoising batch (one reference set per sample)."""
+        return concat_kv([self.reference_kv_one(x, ids, size) for x, ids, size in zip(latents, prior_ids, sizes)])
+
+    def reference_kv_one(self, x: Tensor, prior_ids: Tensor, size: tuple[int, int]) -> list[KV]:
+        """One reference image through the DiT at timestep 0, no text tokens, crop 0, target size = its own size.
+
+        Stops after the last layer's K/V: that layer's attention, FFN and the output head would be unused."""
+        B, _, H, W = x.shape
         p = self.cfg.patch_size
-        zeros = ref_latents.new_zeros(B, dtype=torch.float32)
-        size = torch.tensor([ref_size], dtype=torch.float32, device=ref_latents.device).expand(B, 2)
-        vec = self.embed_vec(zeros, size, torch.zeros_like(size))  # [B, E]
-        rope = rope_table(H // p, W // p, self.cfg.attention_head_dim, ref_latents.device)
-        x = ref_latents.to(self.proj_out.weight.dtype)
-        x = self.image_projector.proj(patchify(x, p)) + self.prior_projector(self.prior_token_embedding(ref_prior_ids))
+        zeros = x.new_zeros(B, dtype=torch.float32)
+        size_t = torch.tensor([size], dtype=torch.float32, device=x.device).expand(B, 2)  # [B, 2]
+        vec = self.embed_vec(zeros, size_t, torch.zeros_like(size_t))  # [B, E]
+        rope = rope_table(H // p, W // p, self.cfg.attention_head_dim, x.device)
+        x = x.to(self.proj_out.weight.dtype)
+        prior = self.prior_projector(self.prior_token_embedding(prior_ids))  # [B, L, D]
+        x = self.image_projector.proj(patchify(x, p)) + prior  # [B, L, D]
         c = x.new_zeros(B, 0, self.cfg.dim)  # no text tokens
         kvs = []
         for block in self.transformer_blocks[:-1]:
             x, c, kv = block(x, c, vec, rope)
             kvs.append(kv)
-        kvs.append(self.transformer_blocks[-1].image_kv(x, vec, rope))
+        kvs.append(self.transformer_blocks[-1].kv_only(x, vec, rope))
         return kvs
 
 

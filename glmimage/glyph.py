@@ -46,10 +46,13 @@ class GlyphEncoder(nn.Module):
         self.max_length = max_length
 
     @classmethod
-    def from_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device: str | None = None) -> GlyphEncoder:
+    def from_folder(cls, folder, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> GlyphEncoder:
+        """From the official `text_encoder/` folder (config.json + safetensors)."""
         from transformers import T5EncoderModel
 
-        return cls(T5EncoderModel.from_pretrained(folder, dtype=dtype).to(device))
+        t5 = T5EncoderModel.from_pretrained(folder, dtype=dtype).eval()
+        return cls(t5 if device is None else t5.to(device))
 
     @torch.no_grad()
     def encode_one(self, prompt: str) -> Tensor:

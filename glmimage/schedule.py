@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x [B, C, H, W] fp32, t [B] fp32) -> v [B, C, H, W]
+ModelFn = Callable[[Tensor, Tensor, bool], Tensor]  # (x [B, C, H, W] fp32, t [B] fp32, cond) -> v
 
 
 def shift_mu(image_seq_len: int, base_seq_len: int = 256, base_shift: float = 0.25, max_shift: float = 0.75) -> float:
@@ -70,20 +70,20 @@ def euler_step(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tenso
     return x.float() + (sigma_next - sigma) * v.float()
 
 
-def denoise(cond: ModelFn, uncond: ModelFn | None, x: Tensor, timesteps: Tensor, sigmas: Tensor,
-            guidance_scale: float, callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
-    """Euler loop from noise x [B, C, H, W] to fp32 latents. CFG is on only when guidance_scale > 1 (then `uncond`
-    is required); `cond`/`uncond` receive fp32 x and t = timesteps[i] expanded to [B] and cast x themselves.
-    `callback(i, x)` runs after each step. Timesteps/sigmas come from `make_schedule`."""
-    if guidance_scale > 1 and uncond is None:
-        raise ValueError("guidance_scale > 1 needs an unconditional model function")
+def denoise(model: ModelFn, x: Tensor, timesteps: Tensor, sigmas: Tensor, guidance_scale: float,
+            callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
+    """Euler loop from noise x [B, C, H, W] to fp32 latents (timesteps, sigmas from `make_schedule`).
+
+    `model(x, t, cond)` gets fp32 x, t = timesteps[i] expanded to [B], and cond=True for the conditional branch,
+    False for the unconditional one (called only when guidance_scale > 1); it casts x to its own dtype.
+    `callback(i, x)` runs after each step."""
     x = x.float()
     timesteps, sigmas = timesteps.to(x.device), sigmas.to(x.device)
     for i in range(len(timesteps)):
         t = timesteps[i].expand(x.shape[0])  # [B]
-        v = cond(x, t)
+        v = model(x, t, True)
         if guidance_scale > 1:
-            v = cfg(v, uncond(x, t), guidance_scale)
+            v = cfg(v, model(x, t, False), guidance_scale)
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
         if callback is not None:
             callback(i, x)

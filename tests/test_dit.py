@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from glmimage.dit import DiT, DiTConfig, concat_kv
+from glmimage.dit import DiT, DiTConfig
 from glmimage.glyph import GlyphEncoder, glyph_texts, glyph_token_ids
 from glmimage.schedule import denoise, make_schedule, shift_mu, time_shift
 
@@ -154,7 +154,8 @@ def test_dit_image_to_image_kv(pair):
     caches.set_mode("skip")
     want_uncond = ref_forward(ref, x, glyph[:, :1], ids, True, t, size, crop, caches)
 
-    kv = concat_kv([ours.reference_kv(lat, rid[None], (lat.shape[-2] * 8, lat.shape[-1] * 8)) for lat, rid in refs])
+    kv = ours.reference_kv([lat for lat, _ in refs], [rid[None] for _, rid in refs],
+                           [(lat.shape[-2] * 8, lat.shape[-1] * 8) for lat, _ in refs])
     assert len(kv) == TINY["num_layers"]
     for (k, v), layer in zip(kv, caches.caches):
         assert k.shape == (1, 15 + 4, 2, 16)
@@ -266,6 +267,10 @@ def test_denoise_matches_scheduler_step():
     def uncond(x, t):
         return (x.to(torch.bfloat16) * -0.25 + b).to(torch.bfloat16)
 
+    def model(x, t, is_cond):
+        calls.append(is_cond)
+        return cond(x, t) if is_cond else uncond(x, t)
+
     for g_scale in (1.5, 1.0):
         sched, _ = reference_schedule(6, 128, 192)
         want = noise
@@ -276,7 +281,39 @@ def test_denoise_matches_scheduler_step():
                 v_u = uncond(want, t_dit).float()
                 v = v_u + g_scale * (v - v_u)
             want = sched.step(v, t, want, return_dict=False)[0]
-        seen = []
-        got = denoise(cond, uncond, noise, timesteps, sigmas, g_scale, callback=lambda i, x: seen.append(i))
+        seen, calls = [], []
+        got = denoise(model, noise, timesteps, sigmas, g_scale, callback=lambda i, x: seen.append(i))
         assert seen == list(range(6)) and got.dtype == torch.float32
+        assert calls == ([True, False] * 6 if g_scale > 1 else [True] * 6)
         assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The official folder layout (tiny random checkpoint)
+
+
+@torch.no_grad()
+def test_debug_checkpoint_folders(debug_ckpt):
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = DiTConfig.from_hf(json.loads((debug_ckpt / "transformer" / "config.json").read_text()))
+    assert cfg == DiTConfig.from_name("debug")
+    with torch.device("meta"):
+        ours = DiT(cfg)
+    sd = {}
+    for f in sorted((debug_ckpt / "transformer").glob("*.safetensors")):
+        sd.update(load_file(f))
+    ours.load_state_dict(sd, strict=True, assign=True)
+    ref = GlmImageTransformer2DModel.from_pretrained(debug_ckpt / "transformer").eval()
+    x, _, ids, t, size, crop = inputs(B=1, H=8, W=8, T=1, seed=7)
+    glyph_enc = GlyphEncoder.from_folder(debug_ckpt / "text_encoder", dtype=torch.float32)
+    glyph = glyph_enc.encode(['a "SALE" sign'])
+    assert glyph.shape == (1, 5, 32)  # one text: 4 bytes + </s>
+    ids = ids % cfg.prior_vq_quantizer_codebook_size
+    want = ref_forward(ref, x, glyph.to(ref.dtype), ids, False, t, size, crop)
+    got = ours(x, glyph.to(ref.dtype), ids, False, t, size, crop)
+    assert (got.float() - want.float()).abs().max() <= 1e-2  # checkpoint dtype may be bf16
+    scheduler_config = json.loads((debug_ckpt / "scheduler" / "scheduler_config.json").read_text())
+    assert torch.equal(make_schedule(8, 256, scheduler_config)[1], make_schedule(8, 256, OFFICIAL_SCHEDULER)[1])
