@@ -291,7 +291,7 @@ class DiT(nn.Module):
 
     def velocity(self, x: Tensor, ctx: Context, vec: Tensor) -> Tensor:
         """x [B, C, H, W] latents (any float dtype; cast to the weights' dtype), vec [B, E] -> v [B, C, H, W]."""
-        B, _, H, W = x.shape
+        H, W = x.shape[-2:]
         p = self.cfg.patch_size
         x = x.to(self.proj_out.weight.dtype)
         x = self.image_projector.proj(patchify(x, p)) + ctx.prior  # [B, N, D]
