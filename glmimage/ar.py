@@ -1,0 +1,380 @@
+"""GLM-Image autoregressive prior: a GLM-4-style decoder that writes VQ ids, and its sampling loop.
+
+The decoder is GLM-4-9B-0414 with three changes that matter for weights and numerics:
+  * "sandwich" RMSNorms: four per layer (input, post_self_attn, post_attention, post_mlp); the branch outputs are
+    normalised before the residual add
+  * partial split-half ("NeoX") rotary on the first rotary_dim dims of each head, with 3-axis mRoPE: frequency i
+    takes its position from the t, h or w axis according to mrope_section
+  * lm_head only spans the vision vocabulary (VQ codes, BOI, EOI, unused slots): the model can only emit image ids
+
+Generation (`generate_prior`) samples one grid per target grid, in order: t2i = [preview, large], i2i = [large].
+The whole request (positions, KV cache, uniforms) is laid out once at prefill; the decode loop never syncs with the
+host. Ids >= BOI are masked while a grid is incomplete, so the grids always come back full.
+
+Legend: B batch, S prompt length, T cache length (prompt + generated), N generated tokens, D head dim,
+H query heads, K kv heads, R rotary dims, V vision vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ARConfig:
+    vocab_size: int = 168064        # embedding rows: vision ids [0, vision_vocab_size), then text ids
+    vision_vocab_size: int = 16512  # lm_head rows: VQ codes, BOI, EOI, unused slots
+    dim: int = 4096
+    n_layers: int = 40
+    n_heads: int = 32
+    n_kv_heads: int = 2
+    head_dim: int = 128
+    hidden_dim: int = 13696         # MLP width (gate_up_proj has 2 * hidden_dim rows: gate first)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rotary_dim: int = 64            # head_dim * partial_rotary_factor
+    mrope_section: list[int] = field(default_factory=lambda: [8, 12, 12])  # t/h/w frequencies, sums to rotary_dim/2
+    boi_id: int = 16384             # image start; also the number of VQ codes (codes are ids 0..boi_id-1)
+    eoi_id: int = 16385             # image end (= eos)
+    image_token_id: int = 167855    # `<|image|>` placeholder in the prompt (replaced by reference VQ ids)
+    pad_id: int = 167841
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and <= head_dim={self.head_dim}")
+        if sum(self.mrope_section) != self.rotary_dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to rotary_dim/2 = {self.rotary_dim // 2}")
+        if not self.boi_id < self.vision_vocab_size <= self.vocab_size:
+            raise ValueError("expected boi_id < vision_vocab_size <= vocab_size")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> ARConfig:
+        """From the official `vision_language_encoder/config.json` (GlmImageConfig as a dict)."""
+        t = d["text_config"]
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+        # transformers' defaults when a key is absent: partial_rotary_factor 1.0, mrope_section [8, 12, 12]
+        partial = rope.get("partial_rotary_factor", t.get("partial_rotary_factor", 1.0))
+        return cls(
+            vocab_size=t["vocab_size"], vision_vocab_size=t["vision_vocab_size"], dim=t["hidden_size"],
+            n_layers=t["num_hidden_layers"], n_heads=t["num_attention_heads"],
+            n_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"], head_dim=head_dim,
+            hidden_dim=t["intermediate_size"], norm_eps=t["rms_norm_eps"],
+            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+            rotary_dim=int(head_dim * partial), mrope_section=list(rope.get("mrope_section", [8, 12, 12])),
+            boi_id=d["image_start_token_id"], eoi_id=d["image_end_token_id"], image_token_id=d["image_token_id"],
+            pad_id=t["pad_token_id"],
+        )
+
+    @classmethod
+    def from_name(cls, name: str) -> ARConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown AR preset {name!r}; valid: {sorted(PRESETS)}")
+        return replace(PRESETS[name])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers: RMSNorm, mRoPE
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32, cast back, then multiply by the weight in the activation dtype (as the reference)
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def mrope_cos_sin(cfg: ARConfig, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """pos (3, B, S) t/h/w positions -> cos, sin (B, S, R), computed in fp32 then cast to `dtype`."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float32,
+                                                      device=pos.device) / cfg.rotary_dim))  # (R/2,)
+    freqs = pos[..., None].float() * inv_freq                            # (3, B, S, R/2)
+    # frequency i takes the t, h or w row: the first mrope_section[0] from t, the next from h, the rest from w
+    axis = torch.repeat_interleave(torch.arange(3, device=pos.device),
+                                   torch.tensor(cfg.mrope_section, device=pos.device))  # (R/2,)
+    freqs = freqs.gather(0, axis.expand(1, *freqs.shape[1:3], -1))[0]  # (B, S, R/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                              # (B, S, R)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Split-half rotary on the first R dims of x (B, H, S, D); dims R..D pass through."""
+    r = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]                                # (B, 1, S, R)
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)                               # rotate_half
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)     # (B, H, S, D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks
+
+class KVCache:
+    """Preallocated keys/values for one request: k, v (L, B, K, T, D). Plain tensors, never on the model."""
+
+    def __init__(self, cfg: ARConfig, batch: int, length: int, device: torch.device, dtype: torch.dtype):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+        # zeros, not empty: masked slots still enter the attention matmul (0 * NaN would be NaN)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                kv: tuple[Tensor, Tensor] | None = None, input_pos: Tensor | None = None) -> Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, S, D)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, D)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            # write this chunk at input_pos, then attend over the first mask.shape[-1] cache slots
+            k_cache, v_cache = kv                                                      # (B, K, T, D)
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
+            k, v = k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]]
+        # GQA: kv head j serves query heads j*H/K .. (j+1)*H/K - 1; scale 1/sqrt(D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, S, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))                        # (B, S, dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                 # (B, S, hidden_dim) each; gate rows first
+        return self.down_proj(up * F.silu(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_self_attn_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.post_mlp_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                kv: tuple[Tensor, Tensor] | None = None, input_pos: Tensor | None = None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, input_pos)
+        x = x + self.post_self_attn_layernorm(h)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + self.post_mlp_layernorm(h)                            # (B, S, dim)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: KVCache | None = None,
+                input_pos: Tensor | None = None) -> Tensor:
+        """ids (B, S), pos (3, B, S), mask (B, 1, S, S or T) bool (True = attend) -> hidden (B, S, dim)."""
+        x = self.embed_tokens(ids)                                       # (B, S, dim)
+        cos, sin = mrope_cos_sin(self.cfg, pos, x.dtype)                 # (B, S, R)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, mask, kv, input_pos)
+        return self.norm(x)
+
+
+class ARModel(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vision_vocab_size, bias=False)
+
+    def forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: KVCache | None = None,
+                input_pos: Tensor | None = None) -> Tensor:
+        return self.lm_head(self.decoder(ids, pos, mask, cache, input_pos))  # (B, S, V)
+
+
+# checkpoint prefix (official vision_language_encoder keys) -> our prefix
+AR_KEY_PREFIXES = {"model.language_model.": "decoder.", "lm_head.": "lm_head."}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Positions (3-axis mRoPE): text is sequential; an image grid with base p is (p, p+row, p+col) and uses max(h, w)
+# positions. A reference image's BOI is p-1 and its EOI p+max(h, w). Generated grids follow in generation order.
+
+def grid_positions(start: int, h: int, w: int) -> Tensor:
+    """(3, h*w) positions (start, start+row, start+col) of an h x w grid in row-major order."""
+    row = torch.arange(h).repeat_interleave(w)
+    col = torch.arange(w).repeat(h)
+    return torch.stack([torch.full((h * w,), start), start + row, start + col])
+
+
+def sample_positions(cfg: ARConfig, ids: list[int], ref_grids: list[tuple[int, int]],
+                     target_grids: list[tuple[int, int]]) -> Tensor:
+    """Positions (3, len(ids) + N) of one unpadded prompt followed by its N generated grid tokens."""
+    chunks, p, i, n_ref = [], 0, 0, 0
+    while i < len(ids):
+        if ids[i] == cfg.boi_id and n_ref < len(ref_grids) and i + 1 < len(ids):  # a reference image
+            h, w = ref_grids[n_ref]
+            end = i + 1 + h * w
+            if end >= len(ids) or ids[end] != cfg.eoi_id:
+                raise ValueError(f"reference image {n_ref}: expected BOI, {h}x{w} ids, EOI at token {i}")
+            chunks += [torch.tensor([[p]] * 3), grid_positions(p + 1, h, w)]
+            p, i, n_ref = p + 1 + max(h, w), end, n_ref + 1  # the EOI is the next text token, at p
+            continue
+        chunks.append(torch.tensor([[p]] * 3))
+        p, i = p + 1, i + 1
+    if n_ref != len(ref_grids):
+        raise ValueError(f"found {n_ref} reference images (BOI ... EOI) in the prompt, expected {len(ref_grids)}")
+    for h, w in target_grids:                                           # generation order: preview, then large
+        chunks.append(grid_positions(p, h, w))
+        p += max(h, w)
+    return torch.cat(chunks, dim=1)
+
+
+def build_positions(cfg: ARConfig, input_ids: Tensor, attention_mask: Tensor | None,
+                    ref_grids: list[tuple[int, int]], target_grids: list[tuple[int, int]]) -> Tensor:
+    """(3, B, S + N) positions of a left-padded batch and its generated tokens; pads get 1 (as the reference)."""
+    B, S = input_ids.shape
+    n = sum(h * w for h, w in target_grids)
+    ids = input_ids.tolist()                                            # one host copy per request
+    valid = [[True] * S] * B if attention_mask is None else attention_mask.bool().tolist()
+    pos = torch.ones(3, B, S + n, dtype=torch.long)
+    for b in range(B):
+        keep = [j for j in range(S) if valid[b][j]] + list(range(S, S + n))
+        pos[:, b, keep] = sample_positions(cfg, [ids[b][j] for j in keep[:len(keep) - n]], ref_grids, target_grids)
+    return pos.to(input_ids.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling: temperature -> top-k -> top-p (keeping the boundary token) -> inverse-CDF with a pre-drawn uniform
+
+def sample_token(logits: Tensor, u: Tensor, n_codes: int, temperature: float, top_k: int | None,
+                 top_p: float | None) -> Tensor:
+    """logits (B, V), u (B,) uniforms in [0, 1) -> token ids (B,), always < n_codes. No host sync."""
+    logits = logits.float().clone()
+    logits[:, n_codes:] = float("-inf")                                 # BOI/EOI/unused: grids always complete
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)                 # (B, V)
+    probs, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    if top_k:                                                           # keep every token >= the k-th (ties too)
+        probs = torch.where(probs < probs[:, min(top_k, n_codes) - 1, None], 0.0, probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if top_p is not None and top_p < 1.0:                               # keep while the mass before it is < top_p
+        probs = torch.where(probs.cumsum(dim=-1) - probs < top_p, probs, 0.0)
+    cdf = probs.cumsum(dim=-1)                                          # (B, V), flat after the last kept token
+    j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # (B, 1)
+    j = torch.minimum(j, (probs > 0).sum(dim=-1, keepdim=True) - 1)     # rounding at u ~ 1 stays on a kept token
+    return idx.gather(1, j)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+
+class Request:
+    """Everything one generation needs beyond the weights: positions, mask, KV cache. Built once at prefill."""
+
+    def __init__(self, model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
+                 target_grids: list[tuple[int, int]], attention_mask: Tensor | None = None):
+        cfg, w = model.cfg, model.lm_head.weight
+        B, S = input_ids.shape
+        if attention_mask is not None and not attention_mask[:, -1].bool().all():
+            raise ValueError("only left padding is supported: every prompt must end at the last column")
+        self.prompt_len, self.n_new = S, sum(h * w_ for h, w_ in target_grids)
+        T = S + self.n_new
+        self.pos = build_positions(cfg, input_ids, attention_mask, ref_grids, target_grids)  # (3, B, T)
+        key_valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        if attention_mask is not None:
+            key_valid[:, :S] = attention_mask.bool()
+        self.key_valid = key_valid                                      # (B, T)
+        self.slots = torch.arange(T, device=input_ids.device)           # (T,) cache slot ids (= input_pos values)
+        self.cache = KVCache(cfg, B, T, w.device, w.dtype)
+
+    def prefill_mask(self) -> Tensor:
+        """(B, 1, S, S): causal over valid keys; a pad row sees itself so it stays finite."""
+        S = self.prompt_len
+        q, k = self.slots[:S, None], self.slots[None, :S]
+        causal = (k <= q) & self.key_valid[:, None, :S]                 # (B, S, S)
+        return (causal | (k == q))[:, None]
+
+    def decode_mask(self, t: int) -> Tensor:
+        """(B, 1, 1, T) for the token written at slot t."""
+        return (self.key_valid & (self.slots <= t))[:, None, None, :]
+
+
+def prefill(model: ARModel, req: Request, input_ids: Tensor) -> Tensor:
+    """Run the prompt through the model, filling the cache. Returns the next-token logits (B, V)."""
+    S = req.prompt_len
+    h = model.decoder(input_ids, req.pos[:, :, :S], req.prefill_mask(), req.cache, req.slots[:S])
+    return model.lm_head(h[:, -1])
+
+
+def decode_step(model: ARModel, req: Request, token: Tensor, step: int) -> Tensor:
+    """Feed generated token number `step` (B,); returns the logits (B, V) for the next one."""
+    t = req.prompt_len + step
+    h = model.decoder(token[:, None], req.pos[:, :, t:t + 1], req.decode_mask(t), req.cache, req.slots[t:t + 1])
+    return model.lm_head(h[:, -1])
+
+
+@torch.inference_mode()
+def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
+                   target_grids: list[tuple[int, int]], *, temperature: float = 0.9, top_k: int | None = 50,
+                   top_p: float | None = 0.75, seed: int | None = None,
+                   attention_mask: Tensor | None = None) -> list[Tensor]:
+    """Sample one (B, h, w) grid of VQ ids per target grid, in generation order (t2i: [preview, large]; i2i: [large]).
+
+    input_ids (B, S): the full prompt, ending with BOI, reference VQ ids already in place (left-padded batches:
+    pass attention_mask). ref_grids: (h, w) of each reference image in the prompt, in order.
+    seed: a CPU generator draws one uniform per generated token up front, so a seed gives the same tokens on any
+    device (up to logit rounding); None draws from torch's global CPU generator. temperature=0 is greedy.
+    """
+    B = input_ids.shape[0]
+    req = Request(model, input_ids, ref_grids, target_grids, attention_mask)
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    u = torch.rand(B, req.n_new, generator=gen).to(input_ids.device)  # (B, N), row b = sample b's draws
+    out = torch.empty(B, req.n_new, dtype=torch.long, device=input_ids.device)
+    logits = prefill(model, req, input_ids)
+    for i in range(req.n_new):
+        token = sample_token(logits, u[:, i], model.cfg.boi_id, temperature, top_k, top_p)  # (B,)
+        out[:, i] = token
+        if i + 1 < req.n_new:                                           # the last token is never fed back
+            logits = decode_step(model, req, token, i)
+    grids, start = [], 0
+    for h, w in target_grids:
+        grids.append(out[:, start:start + h * w].view(B, h, w))
+        start += h * w
+    return grids
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets ("debug" matches glmimage.random_checkpoint's debug preset; "glm-image" is zai-org/GLM-Image)
+
+PRESETS: dict[str, ARConfig] = {
+    "debug": ARConfig(vocab_size=516, vision_vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                      head_dim=32, hidden_dim=192, rotary_dim=16, mrope_section=[2, 3, 3], boi_id=128, eoi_id=129,
+                      image_token_id=515, pad_id=512),
+    "glm-image": ARConfig(),
+}
