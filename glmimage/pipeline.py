@@ -26,7 +26,7 @@ from glmimage import loading
 from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, generate_prior
 from glmimage.dit import DiT, DiTConfig
 from glmimage.glyph import GlyphEncoder
-from glmimage.prompt import PromptTokenizer, preview_grid
+from glmimage.prompt import PromptTokenizer
 from glmimage.schedule import denoise, make_schedule
 from glmimage.vae import VAE, pil_to_pixels, pixels_to_pil
 from glmimage.vision import VISION_KEY_PREFIXES, ImageTokenizer, VisionConfig, preprocess
@@ -166,13 +166,11 @@ class Pipeline:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 "
                              f"(got {temperature}, {top_p}, {top_k})")
         if ref_ids:
-            input_ids = self.prompt_tokenizer.i2i(prompt, ref_ids, th, tw)
-            targets = [(th, tw)]
+            req = self.prompt_tokenizer.i2i(prompt, ref_ids, height, width)
         else:
-            input_ids = self.prompt_tokenizer.t2i(prompt, th, tw)
-            targets = [preview_grid(th, tw), (th, tw)]
-        grids = generate_prior(self.ar, input_ids[None].to(self.device), [tuple(r.shape) for r in ref_ids],
-                               targets, temperature=temperature, top_k=top_k, top_p=top_p,
+            req = self.prompt_tokenizer.t2i(prompt, height, width)
+        grids = generate_prior(self.ar, req.input_ids.to(self.device), req.ref_grids, req.target_grids,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed if seed is not None else random.randrange(2**31))
         if on_preview is not None and len(grids) > 1:
             on_preview(grids[0][0])
@@ -213,20 +211,25 @@ class Pipeline:
         # 3. reference images -> DiT KV prefix, written once at t=0, read by the conditional branch only
         ref_kv = self.reference_kv(images, ref_ids) if images else None
 
-        # 4. flow matching from seeded fp32 noise
+        # 4. flow matching from seeded fp32 noise; per-branch context and per-step conditioning computed once
         C, s = self.dit.cfg.in_channels, self.vae.scale
         noise = torch.randn((B, C, height // s, width // s), generator=torch.Generator("cpu").manual_seed(seed))
-        latents = noise.to(self.device)
-        n_tokens = (height // s) * (width // s) // self.dit.cfg.patch_size ** 2
-        timesteps, sigmas = make_schedule(num_inference_steps, n_tokens, self.scheduler_config)
+        grid_hw = (height // self.dit_token_px, width // self.dit_token_px)
+        timesteps, sigmas = make_schedule(num_inference_steps, grid_hw[0] * grid_hw[1], self.scheduler_config)
         size = torch.tensor([[height, width]] * B, dtype=torch.float32, device=self.device)
         crop = torch.zeros(B, 2, dtype=torch.float32, device=self.device)
+        ctx_c = self.dit.context(glyph, prior, False, grid_hw, ref_kv)
+        ctx_u = self.dit.context(glyph_neg, prior, True, grid_hw) if guidance_scale > 1 else None
+        vecs = {}
 
         def velocity(x: torch.Tensor, t: torch.Tensor, cond: bool) -> torch.Tensor:
-            return self.dit(x.to(self.dtype), glyph if cond else glyph_neg, prior, not cond,
-                            t.expand(B).to(self.device), size, crop, ref_kv=ref_kv if cond else None).float()
+            key = float(t[0])
+            if key not in vecs:                          # the same for both branches of a step
+                vecs.clear()
+                vecs[key] = self.dit.embed_vec(t.to(self.device), size, crop)
+            return self.dit.velocity(x, ctx_c if cond else ctx_u, vecs[key]).float()
 
-        latents = denoise(velocity, latents, timesteps, sigmas, guidance_scale, callback=callback)
+        latents = denoise(velocity, noise.to(self.device), timesteps, sigmas, guidance_scale, callback=callback)
 
         # 5. decode
         return pixels_to_pil(self.vae.decode(latents))
