@@ -99,8 +99,10 @@ def mrope_cos_sin(cfg: ARConfig, pos: Tensor, dtype: torch.dtype) -> tuple[Tenso
                                                       device=pos.device) / cfg.rotary_dim))  # (R/2,)
     freqs = pos[..., None].float() * inv_freq                            # (3, B, S, R/2)
     # frequency i takes the t, h or w row: the first mrope_section[0] from t, the next from h, the rest from w
-    axis = torch.repeat_interleave(torch.arange(3, device=pos.device),
-                                   torch.tensor(cfg.mrope_section, device=pos.device))  # (R/2,)
+    # (built with device ops only: a host list -> device copy here would sync every decode step)
+    i = torch.arange(cfg.rotary_dim // 2, device=pos.device)
+    t_end, h_end = cfg.mrope_section[0], cfg.mrope_section[0] + cfg.mrope_section[1]
+    axis = (i >= t_end).long() + (i >= h_end).long()                    # (R/2,) in {0, 1, 2}
     freqs = freqs.gather(0, axis.expand(1, *freqs.shape[1:3], -1))[0]  # (B, S, R/2)
     emb = torch.cat([freqs, freqs], dim=-1)                              # (B, S, R)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -274,18 +276,19 @@ def build_positions(cfg: ARConfig, input_ids: Tensor, attention_mask: Tensor | N
 def sample_token(logits: Tensor, u: Tensor, n_codes: int, temperature: float, top_k: int | None,
                  top_p: float | None) -> Tensor:
     """logits (B, V), u (B,) uniforms in [0, 1) -> token ids (B,), always < n_codes. No host sync."""
-    logits = logits.float().clone()
-    logits[:, n_codes:] = float("-inf")                                 # BOI/EOI/unused: grids always complete
+    logits = logits[:, :n_codes].float()                                # BOI/EOI/unused are never candidates
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)                 # (B, V)
+    probs = torch.softmax(logits / temperature, dim=-1)                 # (B, n_codes)
     probs, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
     if top_k:                                                           # keep every token >= the k-th (ties too)
         probs = torch.where(probs < probs[:, min(top_k, n_codes) - 1, None], 0.0, probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     if top_p is not None and top_p < 1.0:                               # keep while the mass before it is < top_p
-        probs = torch.where(probs.cumsum(dim=-1) - probs < top_p, probs, 0.0)
-    cdf = probs.cumsum(dim=-1)                                          # (B, V), flat after the last kept token
+        keep = probs.cumsum(dim=-1) - probs < top_p
+        keep[:, 0] = True                                               # and always the most likely token
+        probs = torch.where(keep, probs, 0.0)
+    cdf = probs.cumsum(dim=-1)                                          # (B, n_codes), flat after the last kept
     j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # (B, 1)
     j = torch.minimum(j, (probs > 0).sum(dim=-1, keepdim=True) - 1)     # rounding at u ~ 1 stays on a kept token
     return idx.gather(1, j)[:, 0]
@@ -299,11 +302,11 @@ class Request:
 
     def __init__(self, model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
                  target_grids: list[tuple[int, int]], attention_mask: Tensor | None = None):
-        cfg, w = model.cfg, model.lm_head.weight
+        cfg, weight = model.cfg, model.lm_head.weight
         B, S = input_ids.shape
         if attention_mask is not None and not attention_mask[:, -1].bool().all():
             raise ValueError("only left padding is supported: every prompt must end at the last column")
-        self.prompt_len, self.n_new = S, sum(h * w_ for h, w_ in target_grids)
+        self.prompt_len, self.n_new = S, sum(h * w for h, w in target_grids)
         T = S + self.n_new
         self.pos = build_positions(cfg, input_ids, attention_mask, ref_grids, target_grids)  # (3, B, T)
         key_valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
@@ -311,7 +314,7 @@ class Request:
             key_valid[:, :S] = attention_mask.bool()
         self.key_valid = key_valid                                      # (B, T)
         self.slots = torch.arange(T, device=input_ids.device)           # (T,) cache slot ids (= input_pos values)
-        self.cache = KVCache(cfg, B, T, w.device, w.dtype)
+        self.cache = KVCache(cfg, B, T, weight.device, weight.dtype)
 
     def prefill_mask(self) -> Tensor:
         """(B, 1, S, S): causal over valid keys; a pad row sees itself so it stays finite."""
@@ -354,7 +357,7 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     B = input_ids.shape[0]
     req = Request(model, input_ids, ref_grids, target_grids, attention_mask)
     gen = None if seed is None else torch.Generator().manual_seed(seed)
-    u = torch.rand(B, req.n_new, generator=gen).to(input_ids.device)  # (B, N), row b = sample b's draws
+    u = torch.rand(B, req.n_new, generator=gen).to(input_ids.device)   # (B, N), row b = sample b's draws
     out = torch.empty(B, req.n_new, dtype=torch.long, device=input_ids.device)
     logits = prefill(model, req, input_ids)
     for i in range(req.n_new):

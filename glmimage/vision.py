@@ -132,8 +132,9 @@ class PositionEmbedding(nn.Module):
         table = weight.view(self.side, self.side, -1).permute(2, 0, 1)[None].float()   # (1, C, P, P)
         rows = torch.arange(h, device=weight.device).repeat_interleave(w)              # (N,)
         cols = torch.arange(w, device=weight.device).repeat(h)
-        gx = ((cols + 0.5) / torch.tensor(float(w), device=weight.device)) * 2 - 1     # x = column, in [-1, 1]
-        gy = ((rows + 0.5) / torch.tensor(float(h), device=weight.device)) * 2 - 1
+        # divide by full tensors (as the reference): a scalar divisor may become a reciprocal multiply on GPUs
+        gx = ((cols + 0.5) / torch.full((h * w,), float(w), device=weight.device)) * 2 - 1  # x = column, [-1, 1]
+        gy = ((rows + 0.5) / torch.full((h * w,), float(h), device=weight.device)) * 2 - 1
         grid = torch.stack([gx, gy], dim=-1)[None, :, None, :]                         # (1, N, 1, 2)
         out = F.grid_sample(table, grid, mode="bilinear", align_corners=False, padding_mode="border")
         return out[0, :, :, 0].T.to(weight.dtype)                                      # (N, C)

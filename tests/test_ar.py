@@ -17,7 +17,6 @@ from PIL import Image
 from glmimage.ar import (AR_KEY_PREFIXES, ARConfig, ARModel, Request, build_positions, decode_step,
                          generate_prior, prefill, sample_token)
 from glmimage.prompt import PromptTokenizer, collate, preview_grid, target_grid
-from glmimage.random_checkpoint import make_random_checkpoint
 from glmimage.vision import VISION_KEY_PREFIXES, ImageTokenizer, VisionConfig, preprocess
 
 transformers = pytest.importorskip("transformers")
@@ -27,8 +26,8 @@ transformers = pytest.importorskip("transformers")
 # fixtures
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt"), preset="debug", seed=0)
+def ckpt(debug_ckpt):  # conftest: make_random_checkpoint(..., preset="debug", seed=0), once per session
+    return debug_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +178,14 @@ def test_positions_match_reference(hf, ar, refs, targets):
     want_decode = hf.model._cached_decode_position_ids[:, :, :n].permute(1, 0, 2)   # (3, B, N), no end marker
     got = build_positions(cfg, ids, mask, refs, targets)
     assert torch.equal(got[:, :, :S], want) and torch.equal(got[:, :, S:], want_decode)
+
+
+def test_positions_reject_prompts_that_do_not_match_ref_grids(ar):
+    prompt = make_prompt(ar.cfg, [(3, 4)], 3, seed=0)
+    with pytest.raises(ValueError, match="reference image 0"):
+        build_positions(ar.cfg, prompt, None, [(4, 4)], [(2, 2)])
+    with pytest.raises(ValueError, match="expected 2"):
+        build_positions(ar.cfg, prompt, None, [(3, 4), (1, 1)], [(2, 2)])
 
 
 @pytest.mark.parametrize("refs,targets", [T2I_SQUARE, T2I_WIDE, I2I])
@@ -349,13 +356,14 @@ def test_sampler_distribution_matches_filtered_probs():
     n_codes, V = 24, 32
     logits = torch.linspace(-2.0, 3.0, V)[torch.randperm(V, generator=torch.Generator().manual_seed(0))]
     logits[n_codes + 1] = 10.0                          # EOI would dominate: it must never be drawn
-    for temperature, top_k, top_p in [(0.9, 50, 0.75), (0.7, 6, 1.0), (1.3, 12, 0.9), (1.0, None, None)]:
+    for temperature, top_k, top_p in [(0.9, 50, 0.75), (0.7, 6, 1.0), (1.3, 12, 0.9), (1.0, None, None),
+                                      (1.0, None, 1e-6)]:  # tiny top_p: only the argmax
         warped = logits.clone()[None]
         warped[:, n_codes:] = float("-inf")
         warped = transformers.TemperatureLogitsWarper(temperature)(None, warped)
         if top_k:
             warped = transformers.TopKLogitsWarper(top_k)(None, warped)
-        if top_p:
+        if top_p is not None:
             warped = transformers.TopPLogitsWarper(top_p)(None, warped)
         want = torch.softmax(warped[0], dim=-1)
 
@@ -461,3 +469,23 @@ def test_bf16_generation_runs(ar):
         lf = prefill(ar, Request(ar, prompt, [], [(2, 2)]), prompt)
         lb = prefill(model, Request(model, prompt, [], [(2, 2)]), prompt)
     assert (lf - lb.float()).abs().max() < 0.1 * lf.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sync debug mode)")
+def test_decode_step_never_syncs(ar):
+    """Sampling and decode steps queue work without waiting on the GPU (setup and prefill may sync)."""
+    model = ARModel(ar.cfg).cuda()
+    model.load_state_dict(ar.state_dict())
+    prompt = make_prompt(ar.cfg, [], 4, seed=12).cuda()
+    with torch.inference_mode():
+        req = Request(model, prompt, [], [(3, 3)])
+        logits = prefill(model, req, prompt)
+        u = torch.rand(1, req.n_new).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(req.n_new - 1):
+                token = sample_token(logits, u[:, i], ar.cfg.boi_id, 0.9, 50, 0.75)
+                logits = decode_step(model, req, token, i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
