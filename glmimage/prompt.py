@@ -29,10 +29,11 @@ def target_grid(height: int, width: int, factor: int = 32) -> tuple[int, int]:
     return height // factor, width // factor
 
 
-def preview_grid(th: int, tw: int) -> tuple[int, int]:
-    """(ph, pw): the t2i preview grid, about 16x16 tokens with the target's aspect ratio (as _get_target_shape)."""
+def preview_grid(th: int, tw: int, side: int = 16) -> tuple[int, int]:
+    """(ph, pw): the t2i preview grid, about side x side tokens (official 16) with the target's aspect ratio
+    (as _get_target_shape)."""
     ratio = th / tw
-    return int(math.sqrt(ratio) * 16), int(math.sqrt(1 / ratio) * 16)
+    return int(math.sqrt(ratio) * side), int(math.sqrt(1 / ratio) * side)
 
 
 @dataclass
@@ -44,8 +45,10 @@ class Prompt:
 
 class PromptTokenizer:
     def __init__(self, tokenizer, image_token: str, grid_bos_token: str, grid_eos_token: str, bos_token: str,
-                 eos_token: str, pad_token: str | None = None):
+                 eos_token: str, pad_token: str | None = None, token_px: int = 32, preview_side: int = 16):
         self.tok = tokenizer                # a `tokenizers.Tokenizer`
+        self.token_px = token_px            # pixels per AR token (official 32; model_index.json "glmimage" entry)
+        self.preview_side = preview_side    # t2i preview grid side (official 16)
         self.image_token, self.grid_bos, self.grid_eos = image_token, grid_bos_token, grid_eos_token
         self.bos, self.eos = bos_token, eos_token
         self.image_token_id = self._id(image_token)
@@ -59,7 +62,7 @@ class PromptTokenizer:
         return i
 
     @classmethod
-    def from_dir(cls, processor_dir: str | os.PathLike) -> PromptTokenizer:
+    def from_dir(cls, processor_dir: str | os.PathLike, token_px: int = 32, preview_side: int = 16) -> PromptTokenizer:
         """From the official `processor/` folder: tokenizer.json + tokenizer_config.json."""
         from tokenizers import Tokenizer
 
@@ -74,15 +77,16 @@ class PromptTokenizer:
 
         return cls(Tokenizer.from_file(str(d / "tokenizer.json")), image_token=token("image_token", "<|image|>"),
                    grid_bos_token=token("grid_bos_token", "<sop>"), grid_eos_token=token("grid_eos_token", "<eop>"),
-                   bos_token=token("bos_token"), eos_token=token("eos_token"), pad_token=token("pad_token"))
+                   bos_token=token("bos_token"), eos_token=token("eos_token"), pad_token=token("pad_token"),
+                   token_px=token_px, preview_side=preview_side)
 
     def encode(self, text: str) -> list[int]:
         # the reference (apply_chat_template) tokenizes with add_special_tokens=False only when text starts with BOS
         return self.tok.encode(text, add_special_tokens=not text.startswith(self.bos)).ids
 
     def t2i(self, prompt: str, height: int, width: int) -> Prompt:
-        th, tw = target_grid(height, width)
-        ph, pw = preview_grid(th, tw)
+        th, tw = target_grid(height, width, self.token_px)
+        ph, pw = preview_grid(th, tw, self.preview_side)
         text = f"{prompt}{self.grid_bos}{th} {tw}{self.grid_eos}{self.grid_bos}{ph} {pw}{self.grid_eos}{self.bos}"
         ids = self.encode(text)
         if ids.count(self.image_token_id):
@@ -93,7 +97,7 @@ class PromptTokenizer:
         """ref_ids: each reference image's VQ ids (h, w) (ImageTokenizer.encode), placed before the prompt."""
         if not ref_ids:
             raise ValueError("i2i needs at least one reference image")
-        th, tw = target_grid(height, width)
+        th, tw = target_grid(height, width, self.token_px)
         text = (f"{self.bos}{self.image_token}{self.eos}" * len(ref_ids)
                 + f"{prompt}{self.grid_bos}{th} {tw}{self.grid_eos}{self.bos}")
         ids = self.encode(text)
