@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from glmimage.data.scenes import (
-    BACKGROUNDS, CELLS, COLOURS, EDIT_KINDS, ROWS, SHAPES, SIZES, STAR_INNER, Scene, caption,
-    parse_caption, place_scene, render, sample_edit, sample_edit_scene, sample_scene, word_kind,
+    BACKGROUNDS, CELLS, COLOURS, EDIT_KINDS, ROWS, SIZES, STAR_INNER, Scene, caption, parse_caption,
+    place_scene, render, sample_edit, sample_edit_scene, sample_scene, word_kind,
 )
 
 MAX_RESIDUAL = 60.0  # max RGB distance of a pixel from its background-object blend (else unclassified)
@@ -403,6 +403,27 @@ def eval_scene(category: str, rng: random.Random) -> Scene:
     raise ValueError(f"unknown category {category!r}; valid: {', '.join(T2I_CATEGORIES)}")
 
 
+def t2i_cases(n: int, seed: int) -> list[tuple[str, Scene]]:
+    """The n (category, scene) prompts evaluate() asks for, cycling over T2I_CATEGORIES."""
+    cases = []
+    for i in range(n):
+        category = T2I_CATEGORIES[i % len(T2I_CATEGORIES)]
+        cases.append((category, eval_scene(category, random.Random(f"glmimage-eval:{seed}:t2i:{i}"))))
+    return cases
+
+
+def edit_cases(n: int, seed: int) -> list[tuple[str, Scene, str, Scene]]:
+    """The n (kind, source, instruction, target) edits evaluate() asks for, cycling over EDIT_KINDS."""
+    cases = []
+    for j in range(n):
+        kind = EDIT_KINDS[j % len(EDIT_KINDS)]
+        rng = random.Random(f"glmimage-eval:{seed}:edit:{j}")
+        source = sample_edit_scene(rng, kind)
+        instruction, target = sample_edit(rng, source, kind)
+        cases.append((kind, source, instruction, target))
+    return cases
+
+
 def ground_truth_generate_fn(size: int = 128):
     """A generate_fn that renders the canonical prompt itself (to check the evaluation end to end)."""
     def generate(prompt: str, seed: int) -> Image.Image:
@@ -433,9 +454,7 @@ def evaluate(generate_fn, n: int, seed: int, out_dir, size: int = 128, edit_fn=N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, samples, sheet, sheet_ok = [], [], [], []
-    for i in range(n):
-        category = T2I_CATEGORIES[i % len(T2I_CATEGORIES)]
-        scene = eval_scene(category, random.Random(f"glmimage-eval:{seed}:t2i:{i}"))
+    for i, (category, scene) in enumerate(t2i_cases(n, seed)):
         prompt = caption(scene)
         image = generate_fn(prompt, seed + i).convert("RGB")
         r = check_scene(image, scene)
@@ -444,11 +463,7 @@ def evaluate(generate_fn, n: int, seed: int, out_dir, size: int = 128, edit_fn=N
         sheet.append(image)
         sheet_ok.append(r["exact"])
     if edit_fn is not None:
-        for j in range(n if n_edit is None else n_edit):
-            kind = EDIT_KINDS[j % len(EDIT_KINDS)]
-            rng = random.Random(f"glmimage-eval:{seed}:edit:{j}")
-            source = sample_edit_scene(rng, kind)
-            instruction, target = sample_edit(rng, source, kind)
+        for j, (kind, source, instruction, target) in enumerate(edit_cases(n if n_edit is None else n_edit, seed)):
             image = edit_fn(instruction, render(source, size, size), seed + j).convert("RGB")
             r = check_edit(image, source, target, kind)
             results.append(r)

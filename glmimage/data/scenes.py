@@ -295,13 +295,17 @@ def place_scene(scene: Scene, rng: random.Random | None = None) -> Scene:
     """The same scene with fresh jitter for every object (e.g. for a scene from parse_caption).
 
     Raises ValueError when no valid layout is found (e.g. two large objects in neighbouring cells)."""
-    placed = []
-    for obj in scene.objects:
-        new = _place(rng, obj, placed, scene.word, tries=256)
-        if new is None:
-            raise ValueError(f"no room for the {obj.size} {obj.colour} {obj.shape} {WHERE[obj.cell]}")
-        placed.append(new)
-    return replace(scene, objects=tuple(placed))
+    fallback = rng or random.Random(0)
+    for attempt in range(200):  # greedy, object by object; start over when an early choice blocks a later one
+        placed = []
+        for obj in scene.objects:
+            new = _place(rng if attempt == 0 else fallback, obj, placed, scene.word, tries=16)
+            if new is None:
+                break
+            placed.append(new)
+        else:
+            return replace(scene, objects=tuple(placed))
+    raise ValueError(f"no room for {caption(scene)!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
