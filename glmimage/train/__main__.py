@@ -1,0 +1,80 @@
+"""`glmimage train {vae,tokenizer,ar,decoder}` and `glmimage export`; also `python -m glmimage.train ...`.
+
+    python -m glmimage.train vae --preset small --data synthetic --steps 3000 --out runs/small
+    python -m glmimage.train tokenizer --preset small --out runs/small
+    python -m glmimage.train ar --preset small --out runs/small
+    python -m glmimage.train decoder --preset small --out runs/small
+    python -m glmimage.train export --out runs/small --to glmimage/assets/model
+
+Every stage writes DIR/<stage>/{ckpt.pt,log.jsonl,loss.png}; later stages read the earlier ones from the same DIR
+(ar and decoder need the tokenizer; decoder needs the vae). --resume continues from DIR/<stage>/ckpt.pt exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+STAGES = ("vae", "tokenizer", "ar", "decoder")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--preset", default="small", help="training preset: small or debug")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of images with captions")
+    p.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
+    p.add_argument("--out", required=True, help="run folder (one sub-folder per stage)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/<stage>/ckpt.pt")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end this part at that step (checkpointed); --resume later continues the same schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run folder written by `glmimage train`")
+    p.add_argument("--to", required=True, help="checkpoint folder to write (official layout)")
+    p.add_argument("--preset", default="small", help="the training preset the run used")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="storage dtype (auto: float32 if the model fits in 40 MB, else bfloat16 for big tensors)")
+
+
+def run_train(args) -> None:
+    import torch
+    from glmimage.train import ar, decoder, tokenizer, vae
+    from glmimage.train.presets import get_preset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset)
+    module = {"vae": vae, "tokenizer": tokenizer, "ar": ar, "decoder": decoder}[args.stage]
+    log = module.train(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
+                      stop_at=args.stop_after)
+    if log:
+        print(f"[{args.stage}] step {log[-1]['step'] + 1}: loss {log[-1]['loss']:.4f}; log, curve and checkpoint "
+              f"in {Path(args.out) / args.stage}")
+
+
+def run_export(args) -> None:
+    from glmimage.train.export import export
+    path = export(Path(args.out), Path(args.to), preset=args.preset, dtype=args.dtype)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="glmimage-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_args(sub.add_parser("train", help="train one stage"))
+    add_export_args(sub.add_parser("export", help="write the official folder layout from a run folder"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STAGES:             # `python -m glmimage.train vae ...`
+        argv = ["train"] + argv
+    args = parser.parse_args(argv)
+    try:
+        run_train(args) if args.command == "train" else run_export(args)
+    except ValueError as e:
+        parser.exit(2, f"glmimage {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Stage 3: the AR prior (ar.ARModel), next-token loss on the exact inference layout.
+
+  t2i:  PromptTokenizer.t2i(caption)  = [caption]<sop>th tw<eop><sop>ph pw<eop><BOI>  then [preview grid][full grid]
+  edit: PromptTokenizer.i2i(instruction, [source ids]) = <BOI>[source ids]<EOI>[instruction]<sop>th tw<eop><BOI>
+        then [target grid]
+
+Grids are the trained tokenizer's ids of the rendered image; the preview is the nearest downsample of the full grid.
+Positions come from ar.sample_positions, the function generation uses, so training and sampling agree exactly.
+The loss covers the generated grid tokens only (the lm_head spans the vision vocabulary); preview tokens weigh
+PREVIEW_WEIGHT x. Sequences are right-padded: causal attention never lets a real token see a pad.
+
+The caption tokenizer is byte-level BPE trained here on the synthetic captions and instructions
+(random_checkpoint.build_text_tokenizer: ids 0..vision_vocab-1 stay `<|dit_token_i|>`, then text, then the four
+text specials), so any text still tokenizes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glmimage.ar import ARConfig, ARModel, sample_positions
+from glmimage.prompt import PromptTokenizer
+from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
+from glmimage.train.common import load_stage, train_loop
+from glmimage.train.data import make_source
+from glmimage.train.presets import TrainPreset, model_configs
+from glmimage.train.tokenizer import encode_batch, load_tokenizer
+
+PREVIEW_WEIGHT = 2.0
+CORPUS_SIZE = 4000
+CORPUS_SEED_OFFSET = 20_000
+SCENE_KWARGS = dict(paraphrase_p=0.3, word_p=0.4, chinese_p=0.3, unseen_p=0.15)
+
+
+def train_text_tokenizer(preset: TrainPreset, seed: int):
+    """Byte-level BPE merges learned from captions and edit instructions of a held-out synthetic stream."""
+    source = make_source("synthetic", seed + CORPUS_SEED_OFFSET, preset.image_size, kinds=("t2i", "edit"),
+                         paraphrase_p=0.5, unseen_p=0.15)
+    corpus = []
+    for i in range(CORPUS_SIZE if preset.name != "debug" else 50):
+        e = source.example(i)
+        corpus += [e["caption"]] if e["kind"] == "t2i" else [e["instruction"], e["source_caption"]]
+    vision_vocab = preset.model["codebook"] + UNUSED_VISION_SLOTS
+    return build_text_tokenizer(vision_vocab, merges_from=corpus, vocab_size=vision_vocab + 256 + preset.text_merges)
+
+
+def prompt_tokenizer(tok, preset: TrainPreset) -> PromptTokenizer:
+    codebook = preset.model["codebook"]
+    boi, eoi = f"<|dit_token_{codebook}|>", f"<|dit_token_{codebook + 1}|>"
+    return PromptTokenizer(tok, image_token="<|image|>", grid_bos_token="<sop>", grid_eos_token="<eop>",
+                           bos_token=boi, eos_token=eoi, pad_token=eoi, token_px=preset.ar_token_px,
+                           preview_side=preset.preview_side)
+
+
+def text_vocab_size(tok, preset: TrainPreset) -> int:
+    return tok.get_vocab_size() - (preset.model["codebook"] + UNUSED_VISION_SLOTS)
+
+
+def build_ar(preset: TrainPreset, text_vocab: int, seed: int) -> ARModel:
+    torch.manual_seed(seed)
+    model = ARModel(ARConfig.from_hf(model_configs(preset, text_vocab)["vision_language_encoder"]))
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def preview_of(grid: Tensor, ph: int, pw: int) -> Tensor:
+    """Nearest downsample of a [th, tw] id grid to [ph, pw]."""
+    return F.interpolate(grid[None, None].float(), size=(ph, pw), mode="nearest")[0, 0].long()
+
+
+def sequence(cfg: ARConfig, pt: PromptTokenizer, example: dict, grids: dict, size: int) -> tuple[Tensor, ...]:
+    """One example -> (ids [L], positions [3, L], targets [L] (-100 = no loss), weights [L])."""
+    if example["kind"] == "t2i":
+        prompt = pt.t2i(example["caption"], size, size)
+        (ph, pw), _ = prompt.target_grids
+        full = grids["image"]
+        gen = [preview_of(full, ph, pw).flatten(), full.flatten()]
+        w = [torch.full((ph * pw,), PREVIEW_WEIGHT), torch.ones(full.numel())]
+    else:
+        prompt = pt.i2i(example["instruction"], [grids["source"]], size, size)
+        gen, w = [grids["target"].flatten()], [torch.ones(grids["target"].numel())]
+    ids = prompt.input_ids[0]
+    gen, w = torch.cat(gen), torch.cat(w)
+    P = len(ids)
+    seq = torch.cat([ids, gen])
+    pos = sample_positions(cfg, ids.tolist(), prompt.ref_grids, prompt.target_grids)   # [3, P + N]
+    targets = torch.full_like(seq, -100)
+    weights = torch.zeros(len(seq))
+    targets[P - 1:-1], weights[P - 1:-1] = gen, w            # logits at j predict token j + 1
+    return seq, pos, targets, weights
+
+
+def collate(items: list[tuple[Tensor, ...]], pad_id: int) -> tuple[Tensor, ...]:
+    L = max(len(s) for s, *_ in items)
+    B = len(items)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    pos = torch.ones(3, B, L, dtype=torch.long)
+    targets = torch.full((B, L), -100, dtype=torch.long)
+    weights = torch.zeros(B, L)
+    for b, (s, p, t, w) in enumerate(items):
+        n = len(s)
+        ids[b, :n], pos[:, b, :n], targets[b, :n], weights[b, :n] = s, p, t, w
+    return ids, pos, targets, weights
+
+
+def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, dict]:
+    L = ids.shape[1]
+    mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
+    logits = model(ids, pos, mask)                                               # [B, L, V]
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp_min(0), reduction="none")
+    w = weights.flatten()
+    loss = (ce * w).sum() / w.sum()
+    with torch.no_grad():
+        sel = targets.flatten() >= 0
+        acc = logits.flatten(0, 1)[sel].argmax(-1).eq(targets.flatten()[sel]).float().mean()
+    return loss, {"token_acc": acc, "ce": ce[targets.flatten() >= 0].mean().detach()}
+
+
+def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
+          seed: int = 0, progress: bool = True, stop_at: int | None = None) -> list[dict]:
+    cfg = preset.stages["ar"]
+    steps = steps or cfg.steps
+    vq = load_tokenizer(preset, out)
+    if resume and (Path(out) / "ar" / "ckpt.pt").exists():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(load_stage(out, "ar")["extra"]["text_tokenizer"])
+    else:
+        tok = train_text_tokenizer(preset, seed)
+    pt = prompt_tokenizer(tok, preset)
+    model = build_ar(preset, text_vocab_size(tok, preset), seed)
+    kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
+    source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
+    S = preset.image_size
+
+    def step_fn(step: int, gen: torch.Generator):
+        ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)]
+        images = [e["image"] if e["kind"] == "t2i" else e["target"] for e in ex]
+        sources = [e["source"] for e in ex if e["kind"] == "edit"]
+        grids = encode_batch(vq, images + sources, preset)
+        src_iter = iter(grids[len(images):])
+        items = []
+        for e, g in zip(ex, grids[:len(images)]):
+            gd = {"image": g} if e["kind"] == "t2i" else {"target": g, "source": next(src_iter)}
+            items.append(sequence(model.cfg, pt, e, gd, S))
+        loss, metrics = ar_loss(model, *collate(items, pt.pad_id))
+        return loss, metrics
+
+    return train_loop("ar", out, {"ar": model}, list(model.parameters()), step_fn, cfg, seed, steps, resume,
+                      extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce"], progress=progress,
+                      stop_at=stop_at)

@@ -1,0 +1,184 @@
+"""The training loop every stage shares: AdamW, warmup + cosine, checkpoints, exact resume, JSONL log, loss plot.
+
+Exact resume: all randomness of step s (which examples, crops, noise, dropout, codebook restarts) comes from
+`step_generator(seed, s)` and the example indices [s * batch, (s + 1) * batch) of a deterministic stream, so a
+checkpoint only needs the weights, the optimizer state and the step. The torch/python RNG states are saved too, for
+anything that still reads the global generators. Resuming truncates the log to the checkpoint's step, so the log of
+an interrupted-and-resumed run is the same as an uninterrupted one.
+
+Run folder layout (one folder per model, one sub-folder per stage):
+  DIR/<stage>/ckpt.pt        model(s) + optimizer + step + RNG states (written atomically every ckpt_every steps)
+  DIR/<stage>/log.jsonl      one line per step: {"step", "loss", <stage metrics>, "lr", "time"}
+  DIR/<stage>/loss.png       the loss curve (PIL), redrawn at every checkpoint
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from glmimage.train.presets import StageConfig
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, salt)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
+
+
+def lr_at(step: int, cfg: StageConfig, total: int) -> float:
+    """Linear warmup, then cosine down to 10% at `total`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_stage(run_dir: Path, stage: str) -> dict:
+    """A finished (or in-progress) stage's checkpoint: {"models": {name: state_dict}, "extra": {...}, ...}."""
+    path = Path(run_dir) / stage / "ckpt.pt"
+    if not path.exists():
+        raise ValueError(f"no {stage} checkpoint at {path}; run `glmimage train {stage} --out {run_dir}` first")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict], path: Path, title: str, keys: list[str] | None = None) -> None:
+    """Loss curves (log-scale y, moving average) drawn with PIL: no plotting library needed."""
+    keys = keys or ["loss"]
+    W, H, ml, mr, mt, mb = 640, 360, 60, 16, 28, 36
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.text((ml, 8), title, fill="black")
+    series = {}
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in records if k in r and r[k] is not None and r[k] > 0]
+        if len(pts) < 2:
+            continue
+        win = max(1, len(pts) // 100)
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        sm = [sum(ys[max(0, i - win + 1):i + 1]) / len(ys[max(0, i - win + 1):i + 1]) for i in range(len(ys))]
+        series[k] = (xs, sm)
+    if not series:
+        im.save(path)
+        return
+    x0 = min(min(s[0]) for s in series.values())
+    x1 = max(max(s[0]) for s in series.values())
+    y0 = math.log10(min(min(s[1]) for s in series.values()))
+    y1 = math.log10(max(max(s[1]) for s in series.values()))
+    y1 = y1 if y1 > y0 else y0 + 1
+
+    def xy(x, y):
+        return (ml + (x - x0) / max(1, x1 - x0) * (W - ml - mr),
+                H - mb - (math.log10(y) - y0) / (y1 - y0) * (H - mt - mb))
+
+    d.rectangle([ml, mt, W - mr, H - mb], outline="black")
+    for i in range(5):
+        yv = 10 ** (y0 + (y1 - y0) * i / 4)
+        _, py = xy(x0, yv)
+        d.line([ml - 4, py, ml, py], fill="black")
+        d.text((4, py - 6), f"{yv:.3g}", fill="black")
+    for i in range(5):
+        xv = x0 + (x1 - x0) * i / 4
+        px, _ = xy(xv, 10 ** y0)
+        d.text((px - 10, H - mb + 6), f"{int(xv)}", fill="black")
+    d.text((W // 2 - 10, H - 16), "step", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    for j, (k, (xs, ys)) in enumerate(series.items()):
+        c = colours[j % len(colours)]
+        d.line([xy(x, y) for x, y in zip(xs, ys)], fill=c, width=2)
+        d.text((W - mr - 150, mt + 6 + 14 * j), k, fill=c)
+    im.save(path)
+
+
+StepFn = Callable[[int, torch.Generator], tuple[Tensor, dict]]
+
+
+def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainable: list[nn.Parameter],
+               step_fn: StepFn, cfg: StageConfig, seed: int, steps: int, resume: bool,
+               extra: Callable[[], dict] | None = None, plot_keys: list[str] | None = None,
+               after_step: Callable[[int, torch.Generator], None] | None = None,
+               progress: bool = True, stop_at: int | None = None) -> list[dict]:
+    """Run steps [start, min(steps, stop_at)) of one stage (stop_at: end this part early, checkpointed, so that a
+    later --resume continues the same `steps`-long schedule). step_fn(step, gen) -> (loss, metrics) for one batch.
+
+    models: everything saved in the checkpoint (trainable or frozen), by name. extra(): more picklable state saved
+    next to them (e.g. latent statistics). Returns this stage's full log."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir) / stage
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    start = 0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for name, m in models.items():
+            m.load_state_dict(ck["models"][name])
+        opt.load_state_dict(ck["optimizer"])
+        start = ck["step"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate(ck["rng"]["python"])
+        kept = [r for r in read_log(log_path) if r["step"] < start]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    elif resume:
+        print(f"[{stage}] --resume: no checkpoint at {ckpt_path}, starting from step 0")
+    if start == 0:
+        log_path.write_text("")
+    for m in models.values():
+        m.train()
+
+    def save(step: int) -> None:
+        state = {"stage": stage, "step": step, "models": {n: m.state_dict() for n, m in models.items()},
+                 "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                 "data_position": step * cfg.batch, "seed": seed, "extra": extra() if extra else {}}
+        atomic_save(state, ckpt_path)
+        plot_losses(read_log(log_path), out_dir / "loss.png", f"{stage}: training loss", plot_keys)
+
+    end = steps if stop_at is None else min(steps, stop_at)
+    bar = tqdm(range(start, end), initial=start, total=steps, desc=stage, disable=not progress, mininterval=2)
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        for step in bar:
+            lr = lr_at(step, cfg, steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            gen = step_generator(seed, step)
+            loss, metrics = step_fn(step, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            opt.step()
+            if after_step is not None:
+                after_step(step, gen)
+            rec = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
+                   "lr": lr, "time": round(time.time() - t0, 2)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
+                save(step + 1)
+    if start >= steps and not ckpt_path.exists():
+        save(start)
+    return read_log(log_path)

@@ -1,0 +1,167 @@
+"""Stage 4: the DiT decoder (dit.DiT), flow matching on the trained VAE's normalised latents.
+
+  x_sigma = (1 - sigma) x0 + sigma noise,  v = noise - x0  (schedule.py), MSE on v.
+  s ~ U(0, 1], sigma = time_shift(mu(N), s) and the DiT sees s * 1000 - 1: the same (timestep, sigma) pairs the
+  inference schedule (make_schedule) produces, including its unshifted-timestep quirk.
+
+Conditioning, as the pipeline feeds it:
+  * prior ids: the tokenizer's ids of the target image (ground truth), nearest-upsampled to the DiT grid;
+  * glyph: GlyphEncoder of the caption (t2i) or the instruction (edit): ByT5-shaped T5 encoder, random init and
+    frozen (a fixed, injective byte/position code; the DiT's glyph_projector learns to read it);
+  * size (H, W) and crop (0, 0);
+  * edits: the source image's reference KV prefix (dit.reference_kv, with gradients) on the conditional branch;
+  * 10% of samples are unconditional, exactly the pipeline's CFG negative branch: glyph of "", prior dropped,
+    no reference prefix.
+
+VAE latents and token ids are computed once for a fixed set of CACHE_SIZE examples (the VAE encoder is the
+expensive part on a CPU) and stored in DIR/decoder/cache.pt; step s reads a seeded permutation of that set.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from glmimage.dit import Context, DiT, DiTConfig, rope_table
+from glmimage.glyph import GlyphEncoder
+from glmimage.schedule import shift_mu, time_shift
+from glmimage.train.common import atomic_save, load_stage, train_loop
+from glmimage.train.data import make_source, to_pixels
+from glmimage.train.presets import TrainPreset, model_configs
+from glmimage.train.tokenizer import encode_batch, load_tokenizer
+
+DROP_P = 0.1
+CACHE_SIZE = {"debug": 8, "small": 4000}
+SCENE_KWARGS = dict(paraphrase_p=0.3, word_p=0.5, chinese_p=0.3, unseen_p=0.3)
+
+
+def build_glyph(preset: TrainPreset, seed: int) -> GlyphEncoder:
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed + 1)
+    t5 = T5EncoderModel(T5Config(**model_configs(preset, 260)["text_encoder"]))
+    return GlyphEncoder(t5).eval().requires_grad_(False)
+
+
+def build_dit(preset: TrainPreset, seed: int) -> DiT:
+    torch.manual_seed(seed + 2)
+    dit = DiT(DiTConfig.from_hf(model_configs(preset, 260)["transformer"]))
+    with torch.no_grad():                        # adaLN-Zero: every block starts as the identity, output 0
+        for block in dit.transformer_blocks:
+            block.norm1.linear.weight.zero_(), block.norm1.linear.bias.zero_()
+        dit.norm_out.linear.weight.zero_(), dit.norm_out.linear.bias.zero_()
+        dit.proj_out.weight.zero_(), dit.proj_out.bias.zero_()
+        torch.nn.init.normal_(dit.prior_token_embedding.weight, std=0.02)
+    return dit
+
+
+def load_vae(preset: TrainPreset, run_dir: Path):
+    from glmimage.train.vae import build_vae
+    vae = build_vae(preset, 0)
+    vae.load_state_dict(load_stage(run_dir, "vae")["models"]["vae"])
+    stats = json.loads((Path(run_dir) / "vae" / "stats.json").read_text())
+    mean = torch.tensor(stats["latents_mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(stats["latents_std"]).view(1, -1, 1, 1)
+    return vae.eval().requires_grad_(False), mean, std
+
+
+@torch.no_grad()
+def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int, progress: bool = True) -> dict:
+    """Normalised latents, upsampled prior ids and texts of n fixed examples (and the edit sources)."""
+    from tqdm import tqdm
+    vae, mean, std = load_vae(preset, run_dir)
+    vq = load_tokenizer(preset, run_dir)
+    kinds = ("t2i", "t2i", "t2i", "edit") if data == "synthetic" else ("t2i",)
+    source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
+    u = preset.ar_token_px // (vae_scale(vae) * 2)
+
+    def encode(images):
+        z = (vae.encode(to_pixels(images)).latent_dist.mode() - mean) / std
+        ids = encode_batch(vq, images, preset)
+        return z.to(torch.bfloat16), ids.repeat_interleave(u, 1).repeat_interleave(u, 2).flatten(1)
+
+    cache = {"latents": [], "ids": [], "text": [], "src_latents": {}, "src_ids": {}}
+    B = 16
+    for i in tqdm(range(0, n, B), desc="decoder cache", disable=not progress):
+        ex = [source.example(j) for j in range(i, min(n, i + B))]
+        z, ids = encode([e["image"] if e["kind"] == "t2i" else e["target"] for e in ex])
+        cache["latents"].append(z), cache["ids"].append(ids)
+        cache["text"] += [e["caption"] if e["kind"] == "t2i" else e["instruction"] for e in ex]
+        edits = [k for k, e in enumerate(ex) if e["kind"] == "edit"]
+        if edits:
+            sz, sids = encode([ex[k]["source"] for k in edits])
+            for j, k in enumerate(edits):
+                cache["src_latents"][i + k], cache["src_ids"][i + k] = sz[j], sids[j]
+    cache["latents"], cache["ids"] = torch.cat(cache["latents"]), torch.cat(cache["ids"])
+    return cache
+
+
+def vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int], gen: torch.Generator,
+                  size: int) -> tuple[Tensor, dict]:
+    B = len(idx)
+    x0 = cache["latents"][idx].float()                                          # [B, C, h, w]
+    ids = cache["ids"][idx]                                                     # [B, N]
+    drop = (torch.rand(B, generator=gen) < DROP_P).tolist()
+    texts = ["" if d else cache["text"][i] for i, d in zip(idx, drop)]
+    p = dit.cfg.patch_size
+    grid = (x0.shape[2] // p, x0.shape[3] // p)
+    s = torch.rand(B, generator=gen) * 0.999 + 0.001                            # (0.001, 1]
+    sigma = time_shift(shift_mu(grid[0] * grid[1]), s)                         # the inference mapping
+    noise = torch.randn(x0.shape, generator=gen)
+    xt = (1 - sigma.view(B, 1, 1, 1)) * x0 + sigma.view(B, 1, 1, 1) * noise
+    target = noise - x0
+    size_t = torch.tensor([[size, size]] * B, dtype=torch.float32)
+    vec = dit.embed_vec(s * 1000 - 1, size_t, torch.zeros(B, 2))               # [B, E]
+    glyph = glyph_enc.encode(texts)                                             # [B, T, Dt] (frozen)
+    txt = dit.glyph_projector(glyph)
+    prior = dit.prior_projector(dit.prior_token_embedding(ids))                 # [B, N, D]
+    empty = dit.prior_projector(txt.new_zeros(1, 1, dit.cfg.dim))               # the dropped prior
+    prior = torch.where(torch.tensor(drop).view(B, 1, 1), empty.expand_as(prior), prior)
+    rope = rope_table(*grid, dit.cfg.attention_head_dim, x0.device)
+    with_ref = [b for b, i in enumerate(idx) if i in cache["src_latents"] and not drop[b]]
+    plain = [b for b in range(B) if b not in with_ref]
+    v = torch.zeros_like(x0)
+    for group in (plain, with_ref):
+        if not group:
+            continue
+        g = torch.tensor(group)
+        ref_kv = None
+        if group is with_ref:
+            src = torch.stack([cache["src_latents"][idx[b]] for b in group]).float()
+            src_ids = torch.stack([cache["src_ids"][idx[b]] for b in group])
+            ref_kv = dit.reference_kv([src], [src_ids], [(size, size)])
+        ctx = Context(txt[g], prior[g], rope, ref_kv)
+        v = v.index_put((g,), dit.velocity(xt[g], ctx, vec[g]))
+    loss = F.mse_loss(v, target)
+    return loss, {"edit_frac": len(with_ref) / B}
+
+
+def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
+          seed: int = 0, progress: bool = True, stop_at: int | None = None) -> list[dict]:
+    cfg = preset.stages["decoder"]
+    steps = steps or cfg.steps
+    cache_path = Path(out) / "decoder" / "cache.pt"
+    if cache_path.exists():
+        cache = torch.load(cache_path, weights_only=False)
+    else:
+        cache = build_cache(preset, out, data, seed, CACHE_SIZE.get(preset.name, 4000), progress)
+        atomic_save(cache, cache_path)
+    n = len(cache["text"])
+    glyph = build_glyph(preset, seed)
+    dit = build_dit(preset, seed)
+    per_epoch = n // cfg.batch
+
+    def step_fn(step: int, gen: torch.Generator):
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7777 + epoch))
+        idx = perm[k * cfg.batch:(k + 1) * cfg.batch].tolist()
+        return velocity_loss(dit, glyph, cache, idx, gen, preset.image_size)
+
+    return train_loop("decoder", out, {"dit": dit, "glyph": glyph.t5}, list(dit.parameters()), step_fn, cfg, seed,
+                      steps, resume, progress=progress, stop_at=stop_at)

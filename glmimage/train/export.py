@@ -1,0 +1,124 @@
+"""Write the official GLM-Image folder layout from a run folder (DIR/{vae,tokenizer,ar,decoder}/ckpt.pt).
+
+    glmimage export --out runs/small --to glmimage/assets/model
+
+model_index.json gets a "glmimage" entry with the grid factors the pipeline reads:
+  {"ar_token_px": 16, "preview_side": 4, "native_size": 128}
+Storage dtype "auto": float32, unless the whole folder would exceed 40 MB; then the two big components
+(vision_language_encoder, transformer) are stored in bfloat16 (the loader casts to the runtime dtype).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from glmimage import loading
+from glmimage.ar import AR_KEY_PREFIXES
+from glmimage.random_checkpoint import MODEL_INDEX, write_common
+from glmimage.train.common import load_stage
+from glmimage.train.presets import TrainPreset, get_preset, model_configs
+from glmimage.vision import VISION_KEY_PREFIXES
+
+MAX_BYTES = 40 * 1024 * 1024
+# sampling defaults written to generation_config.json (the pipeline reads temperature/top_p/top_k)
+GENERATION = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20}
+
+
+def _inverse(prefixes: dict[str, str]) -> dict[str, str]:
+    return {v: k for k, v in prefixes.items()}
+
+
+def _state(module: torch.nn.Module, prefixes: dict[str, str] | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    inv = _inverse(prefixes) if prefixes else None
+    for name, t in module.state_dict().items():
+        key = name
+        if inv is not None:
+            match = next(p for p in inv if name.startswith(p))
+            key = inv[match] + name[len(match):]
+        t = t.detach().cpu()
+        out[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return out
+
+
+def _save(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    import os
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def load_models(preset: TrainPreset, run_dir: Path) -> dict:
+    """Every trained module of a run folder, in eval mode."""
+    from tokenizers import Tokenizer
+    from glmimage.train import ar, decoder, tokenizer
+
+    vae, mean, std = decoder.load_vae(preset, run_dir)
+    vq = tokenizer.load_tokenizer(preset, run_dir)
+    ar_ck = load_stage(run_dir, "ar")
+    tok = Tokenizer.from_str(ar_ck["extra"]["text_tokenizer"])
+    model = ar.build_ar(preset, ar.text_vocab_size(tok, preset), 0)
+    model.load_state_dict(ar_ck["models"]["ar"])
+    dec_ck = load_stage(run_dir, "decoder")
+    dit = decoder.build_dit(preset, 0)
+    dit.load_state_dict(dec_ck["models"]["dit"])
+    glyph = decoder.build_glyph(preset, 0)
+    glyph.t5.load_state_dict(dec_ck["models"]["glyph"])
+    return dict(vae=vae, latents_mean=mean.flatten().tolist(), latents_std=std.flatten().tolist(), vq=vq,
+                ar=model.eval(), text_tokenizer=tok, dit=dit.eval(), glyph=glyph)
+
+
+def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto") -> Path:
+    p = get_preset(preset)
+    m = load_models(p, Path(run_dir))
+    tok = m["text_tokenizer"]
+    from glmimage.train.ar import text_vocab_size
+    cfgs = model_configs(p, text_vocab_size(tok, p))
+    to = Path(to)
+    to.mkdir(parents=True, exist_ok=True)
+
+    n_params = sum(sum(t.numel() for t in mod.state_dict().values())
+                   for mod in (m["ar"], m["vq"], m["dit"], m["glyph"].t5, m["vae"]))
+    big = torch.float32 if dtype == "float32" or (dtype == "auto" and 4 * n_params < MAX_BYTES) else torch.bfloat16
+    small = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+
+    write_common(to, cfgs, tok, p.model)
+    index = {**MODEL_INDEX, "glmimage": {"ar_token_px": p.ar_token_px, "preview_side": p.preview_side,
+                                         "native_size": p.image_size}}
+    (to / "model_index.json").write_text(json.dumps(index, indent=2))
+    proc = to / "processor" / "preprocessor_config.json"
+    proc_cfg = json.loads(proc.read_text())
+    proc_cfg["patch_size"] = p.vision_patch
+    proc.write_text(json.dumps(proc_cfg, indent=2))
+
+    vle = to / "vision_language_encoder"
+    vle.mkdir(exist_ok=True)
+    (vle / "config.json").write_text(json.dumps(cfgs["vision_language_encoder"], indent=2))
+    gen = {**cfgs["generation"], **GENERATION}
+    gen.pop("suppress_tokens", None)                # the trained model needs no masking help
+    (vle / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    _save({**_state(m["ar"], AR_KEY_PREFIXES, big), **_state(m["vq"], VISION_KEY_PREFIXES, big)},
+          vle / "model.safetensors")
+
+    tr = to / "transformer"
+    (tr).mkdir(exist_ok=True)
+    (tr / "config.json").write_text(json.dumps({"_class_name": "GlmImageTransformer2DModel",
+                                                "_diffusers_version": "0.42.1", **cfgs["transformer"]}, indent=2))
+    _save(_state(m["dit"], None, big), tr / "diffusion_pytorch_model.safetensors")
+
+    t5 = copy.deepcopy(m["glyph"].t5).to(small)
+    t5.save_pretrained(to / "text_encoder")
+
+    vae = copy.deepcopy(m["vae"]).to(small)
+    vae.register_to_config(latents_mean=m["latents_mean"], latents_std=m["latents_std"])
+    vae.save_pretrained(to / "vae")
+
+    total = sum(f.stat().st_size for f in to.rglob("*") if f.is_file())
+    if total > MAX_BYTES and dtype == "auto":
+        raise ValueError(f"exported model is {total / 2**20:.1f} MB, over the 40 MB budget")
+    return to

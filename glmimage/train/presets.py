@@ -1,0 +1,119 @@
+"""Training presets: the model sizes (as official config.json fields) and the per-stage training settings.
+
+A preset's `model` entry has the same fields as glmimage.random_checkpoint's presets, so `hf_configs` turns it into
+the official config.json of every component; the extra fields fix the grid factors of our smaller models:
+
+  image_size   native square size (pixels)
+  ar_token_px  pixels per AR token (official 32); the vision patch is ar_token_px / 2 (the processor halves images)
+  preview_side the t2i preview grid side (official 16)
+
+The structure is the official one at every scale: [caption][preview grid][full grid], ids upsampled to the DiT grid
+(ar_token_px / (8 * patch_size) times), the same modules and the same loader.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StageConfig:
+    batch: int
+    lr: float
+    steps: int              # default number of steps (--steps overrides)
+    warmup: int = 100
+    ckpt_every: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainPreset:
+    name: str
+    model: dict             # random_checkpoint-style preset (hf_configs input)
+    image_size: int
+    ar_token_px: int
+    preview_side: int
+    text_merges: int        # BPE merges of the caption tokenizer trained in the AR stage
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+    @property
+    def vision_patch(self) -> int:
+        return self.ar_token_px // 2
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.ar_token_px
+
+    @property
+    def min_pixels(self) -> int:
+        return self.model["min_pixels"]
+
+    @property
+    def max_pixels(self) -> int:
+        return self.model["max_pixels"]
+
+
+PRESETS: dict[str, TrainPreset] = {
+    "debug": TrainPreset(
+        name="debug",
+        model=dict(
+            codebook=32,
+            ar=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=128),
+            mrope_section=[2, 3, 3],            # head_dim 32 -> 16 rotary dims
+            vit=dict(hidden_size=32, depth=1, num_heads=2, intermediate_size=64, image_size=32),
+            vq_embed_dim=8,
+            min_pixels=64 * 64, max_pixels=64 * 64,
+            dit=dict(num_layers=1, attention_head_dim=16, num_attention_heads=2, time_embed_dim=32,
+                     condition_dim=16),
+            t5=dict(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2),
+            vae=dict(block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=4),
+        ),
+        image_size=64, ar_token_px=16, preview_side=2, text_merges=50,
+        stages={
+            "vae": StageConfig(batch=2, lr=1e-3, steps=4, warmup=1, ckpt_every=2),
+            "tokenizer": StageConfig(batch=4, lr=1e-3, steps=4, warmup=1, ckpt_every=2),
+            "ar": StageConfig(batch=4, lr=1e-3, steps=4, warmup=1, ckpt_every=2),
+            "decoder": StageConfig(batch=4, lr=1e-3, steps=4, warmup=1, ckpt_every=2),
+        },
+    ),
+    "small": TrainPreset(
+        name="small",
+        model=dict(
+            codebook=256,
+            ar=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=704),
+            mrope_section=[4, 6, 6],            # head_dim 64 -> 32 rotary dims
+            vit=dict(hidden_size=128, depth=3, num_heads=4, intermediate_size=512, image_size=64),
+            vq_embed_dim=32,
+            min_pixels=128 * 128, max_pixels=128 * 128,
+            dit=dict(num_layers=6, attention_head_dim=64, num_attention_heads=4, time_embed_dim=128,
+                     condition_dim=64),
+            t5=dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+            vae=dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=8),
+        ),
+        image_size=128, ar_token_px=16, preview_side=4, text_merges=600,
+        stages={
+            "vae": StageConfig(batch=8, lr=1e-3, steps=1800, warmup=50, ckpt_every=100),
+            "tokenizer": StageConfig(batch=32, lr=1e-3, steps=1500, warmup=100, ckpt_every=250),
+            "ar": StageConfig(batch=32, lr=1e-3, steps=4000, warmup=200, ckpt_every=250, weight_decay=0.05),
+            "decoder": StageConfig(batch=16, lr=5e-4, steps=4000, warmup=200, ckpt_every=250),
+        },
+    ),
+}
+
+
+def get_preset(name: str) -> TrainPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; valid: {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def model_configs(preset: TrainPreset, text_vocab: int) -> dict:
+    """The official config.json contents of every component (random_checkpoint.hf_configs + our grid factors)."""
+    from glmimage.random_checkpoint import hf_configs
+
+    cfgs = hf_configs(preset.model, text_vocab)
+    cfgs["vision_language_encoder"]["vision_config"]["patch_size"] = preset.vision_patch
+    return cfgs
