@@ -194,18 +194,36 @@ class Attention(nn.Module):
         self.to_q, self.to_k, self.to_v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
         self.to_out = nn.ModuleList([nn.Linear(D, D)])
 
+    def fuse_qkv(self) -> None:
+        """One [3D, D] GEMM instead of three. to_q/to_k/to_v become views into the fused weight, so the state
+        dict keeps its keys and no weight is held twice."""
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()  # [3D, D]
+        b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]).detach()  # [3D]
+        D = w.shape[1]
+        for i, lin in enumerate((self.to_q, self.to_k, self.to_v)):
+            lin.weight = nn.Parameter(w[i * D:(i + 1) * D], requires_grad=False)
+            lin.bias = nn.Parameter(b[i * D:(i + 1) * D], requires_grad=False)
+        self.qkv_weight, self.qkv_bias = w, b
+
     def qkv(self, h: Tensor, num_txt: int, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         B, S, _ = h.shape  # h: [B, T+N, D], text first
-        q = layer_norm(self.to_q(h).view(B, S, self.num_heads, -1))  # [B, S, nh, hd]
-        k = layer_norm(self.to_k(h).view(B, S, self.num_heads, -1))  # [B, S, nh, hd]
-        v = self.to_v(h).view(B, S, self.num_heads, -1)  # [B, S, nh, hd]
+        if getattr(self, "qkv_weight", None) is not None:
+            q, k, v = F.linear(h, self.qkv_weight, self.qkv_bias).view(B, S, 3, self.num_heads, -1).unbind(2)
+        else:
+            q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        q = layer_norm(q.reshape(B, S, self.num_heads, -1))  # [B, S, nh, hd]
+        k = layer_norm(k.reshape(B, S, self.num_heads, -1))  # [B, S, nh, hd]
+        v = v.reshape(B, S, self.num_heads, -1)  # [B, S, nh, hd]
         q = torch.cat([q[:, :num_txt], apply_rope(q[:, num_txt:], rope)], dim=1)
         k = torch.cat([k[:, :num_txt], apply_rope(k[:, num_txt:], rope)], dim=1)
         return q, k, v
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        # q: [B, S, nh, hd]; k, v: [B, S_kv, nh, hd] (S_kv = L + S with a reference prefix). No mask.
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B,nh,S,hd]
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        # q: [B, S, nh, hd]; k, v: [B, S_kv, nh, hd] (S_kv = L + S with a reference prefix).
+        # mask [B, 1, 1, S_kv] bool (True = attend) only in batched CFG, to hide the unconditional text padding;
+        # the reference never masks.
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask)  # [B, nh, S, hd]
         return self.to_out[0](o.transpose(1, 2).flatten(2))  # [B, S, D]
 
 
@@ -219,28 +237,38 @@ class DiTBlock(nn.Module):
         self.attn1 = Attention(cfg)
         self.ff = MLP(D, 4 * D, D, partial(F.gelu, approximate="tanh"))
 
-    def forward(self, x: Tensor, c: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor],
-                ref_kv: KV | None = None) -> tuple[Tensor, Tensor, KV]:
-        """x [B, N, D] image, c [B, T, D] text, vec [B, E]. Returns x, c and this layer's own (k, v)."""
+    def forward(self, x: Tensor, c: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor],
+                ref_kv: KV | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor, KV]:
+        """x [B, N, D] image, c [B, T, D] text, mod [B or 1, 12·D] = norm1.linear(vec) (precomputable per step).
+
+        ref_kv: a reference prefix, either (k, v) [1 or B, L, nh, hd] to prepend, or a preallocated
+        [B, L+T+N, nh, hd] buffer pair whose first L rows hold the prefix (this layer's K/V go into the tail: no
+        re-concatenation per step). Returns x, c and this layer's own (k, v)."""
         B, T = c.shape[:2]
         (shift, c_shift, scale, c_scale, gate, c_gate,
-         shift2, c_shift2, scale2, c_scale2, gate2, c_gate2) = self.norm1.linear(vec)[:, None].chunk(12, dim=-1)
+         shift2, c_shift2, scale2, c_scale2, gate2, c_gate2) = mod[:, None].chunk(12, dim=-1)
         h = torch.cat([modulate(layer_norm(c), c_shift, c_scale), modulate(layer_norm(x), shift, scale)], dim=1)
         q, k, v = self.attn1.qkv(h, T, rope)  # [B, T+N, nh, hd]
         kv = (k, v)
         if ref_kv is not None:  # i2i conditional branch: [reference | text | image] keys and values
-            k = torch.cat([ref_kv[0].expand(B, -1, -1, -1), k], dim=1)  # [B, L+T+N, nh, hd]
-            v = torch.cat([ref_kv[1].expand(B, -1, -1, -1), v], dim=1)
-        a = self.attn1(q, k, v)  # [B, T+N, D]
+            kbuf, vbuf = ref_kv
+            S = k.shape[1]
+            if kbuf.shape[0] == B and kbuf.shape[1] > S:  # preallocated: write the tail in place
+                kbuf[:, -S:], vbuf[:, -S:] = k, v
+                k, v = kbuf, vbuf  # [B, L+T+N, nh, hd]
+            else:
+                k = torch.cat([kbuf.expand(B, -1, -1, -1), k], dim=1)  # [B, L+T+N, nh, hd]
+                v = torch.cat([vbuf.expand(B, -1, -1, -1), v], dim=1)
+        a = self.attn1(q, k, v, mask)  # [B, T+N, D]
         c = c + a[:, :T] * c_gate
         x = x + a[:, T:] * gate
         x = x + self.ff(modulate(layer_norm(x), shift2, scale2)) * gate2
         c = c + self.ff(modulate(layer_norm(c), c_shift2, c_scale2)) * c_gate2
         return x, c, kv
 
-    def kv_only(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> KV:
+    def kv_only(self, x: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor]) -> KV:
         """(k, v) of image tokens with no text: all that the reference pass needs from the last block."""
-        shift, _, scale = self.norm1.linear(vec)[:, None].chunk(12, dim=-1)[:3]
+        shift, _, scale = mod[:, None].chunk(12, dim=-1)[:3]
         _, k, v = self.attn1.qkv(modulate(layer_norm(x), shift, scale), 0, rope)
         return k, v
 
@@ -256,6 +284,14 @@ class Context(NamedTuple):
     prior: Tensor  # [B, N, D] projected prior embedding ([1, 1, D] when dropped: the constant bias path)
     rope: tuple[Tensor, Tensor]  # cos, sin [N, hd] fp32
     ref_kv: list[KV] | None  # per layer (k, v) [1 or B, L, nh, hd], prepended to the keys/values; None: no prefix
+    mask: Tensor | None = None  # [B, 1, 1, T+N] bool key mask (batched CFG with padded text only)
+
+
+class StepModulation(NamedTuple):
+    """The AdaLN vectors of one denoising step: per block norm1.linear(vec) [B, 12·D], and norm_out's [B, 2·D]."""
+
+    blocks: list[Tensor]
+    out: Tensor
 
 
 class DiT(nn.Module):
@@ -271,6 +307,12 @@ class DiT(nn.Module):
         self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.norm_out = Modulation(cfg.time_embed_dim, 2 * D)
         self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
+
+    def fuse(self) -> "DiT":
+        """Inference layout: fused QKV GEMMs (state-dict keys unchanged). Call after loading."""
+        for block in self.transformer_blocks:
+            block.attn1.fuse_qkv()
+        return self
 
     def embed_vec(self, timestep: Tensor, target_size: Tensor, crop: Tensor) -> Tensor:
         """timestep [B] (the DiT's t, i.e. schedule t − 1), target_size [B, 2] (H_px, W_px), crop [B, 2] -> [B, E].
@@ -289,18 +331,56 @@ class DiT(nn.Module):
         rope = rope_table(*grid, self.cfg.attention_head_dim, glyph.device)
         return Context(txt, prior, rope, ref_kv)
 
-    def velocity(self, x: Tensor, ctx: Context, vec: Tensor) -> Tensor:
-        """x [B, C, H, W] latents (any float dtype; cast to the weights' dtype), vec [B, E] -> v [B, C, H, W]."""
+    def modulation(self, vec: Tensor) -> StepModulation:
+        """vec [M, E] -> every AdaLN vector for those M rows. Depends only on (t, size, crop): the schedule's
+        whole set can be computed in one pass over the AdaLN weights (a GEMM instead of 2·steps GEMVs)."""
+        return StepModulation([b.norm1.linear(vec) for b in self.transformer_blocks], self.norm_out.linear(vec))
+
+    def velocity(self, x: Tensor, ctx: Context, vec: Tensor | None = None, mod: StepModulation | None = None) -> Tensor:
+        """x [B, C, H, W] latents (any float dtype; cast to the weights' dtype), and vec [B, E] or its precomputed
+        modulation -> v [B, C, H, W]."""
         H, W = x.shape[-2:]
         p = self.cfg.patch_size
+        mod = self.modulation(vec) if mod is None else mod
         x = x.to(self.proj_out.weight.dtype)
         x = self.image_projector.proj(patchify(x, p)) + ctx.prior  # [B, N, D]
         c = ctx.txt  # [B, T, D]
         for i, block in enumerate(self.transformer_blocks):
-            x, c, _ = block(x, c, vec, ctx.rope, None if ctx.ref_kv is None else ctx.ref_kv[i])
-        scale, shift = self.norm_out.linear(vec)[:, None].chunk(2, dim=-1)  # [B, 1, D] each; scale comes first
+            x, c, _ = block(x, c, mod.blocks[i], ctx.rope, None if ctx.ref_kv is None else ctx.ref_kv[i], ctx.mask)
+        scale, shift = mod.out[:, None].chunk(2, dim=-1)  # [B, 1, D] each; scale comes first
         x = self.proj_out(modulate(layer_norm(x), shift, scale))  # [B, N, p·p·C]; the text stream is dropped
         return unpatchify(x, H // p, W // p, p)  # [B, C, H, W]
+
+    @staticmethod
+    def batch_cfg(cond: Context, uncond: Context) -> Context:
+        """Both CFG branches as one batch [cond; uncond] (t2i: neither has a reference prefix).
+
+        The shorter glyph sequence is right-padded with zero rows that a key mask hides, so each half computes
+        exactly what its own forward would; with equal lengths (prompts without quotes) there is no mask."""
+        assert cond.ref_kv is None and uncond.ref_kv is None, "batched CFG is for branches without a prefix"
+        B, N, D = cond.txt.shape[0], cond.prior.shape[1], cond.txt.shape[2]
+        Tc, Tu = cond.txt.shape[1], uncond.txt.shape[1]
+        T = max(Tc, Tu)
+        txt = cond.txt.new_zeros(2 * B, T, D)
+        txt[:B, :Tc], txt[B:, :Tu] = cond.txt, uncond.txt
+        prior = torch.cat([cond.prior.expand(B, N, D), uncond.prior.expand(B, N, D)])  # [2B, N, D]
+        mask = None
+        if Tc != Tu:
+            mask = torch.ones(2 * B, 1, 1, T + N, dtype=torch.bool, device=txt.device)
+            mask[:B, ..., Tc:T], mask[B:, ..., Tu:T] = False, False
+        return Context(txt, prior, cond.rope, None, mask)
+
+    def prefix_buffers(self, ref_kv: list[KV], batch: int, num_new: int) -> list[KV]:
+        """Preallocate per layer [B, L+num_new, nh, hd] K/V buffers holding the reference prefix in their first
+        L rows, so every conditional step writes only its own T+N rows (no concatenation per step)."""
+        out = []
+        for k, v in ref_kv:
+            L = k.shape[1]
+            kb = k.new_empty(batch, L + num_new, *k.shape[2:])
+            vb = v.new_empty(batch, L + num_new, *v.shape[2:])
+            kb[:, :L], vb[:, :L] = k, v
+            out.append((kb, vb))
+        return out
 
     def forward(self, x: Tensor, glyph: Tensor, prior_ids: Tensor, prior_drop: bool, timestep: Tensor,
                 target_size: Tensor, crop: Tensor, ref_kv: list[KV] | None = None) -> Tensor:
@@ -326,17 +406,17 @@ class DiT(nn.Module):
         p = self.cfg.patch_size
         zeros = x.new_zeros(B, dtype=torch.float32)
         size_t = torch.tensor([size], dtype=torch.float32, device=x.device).expand(B, 2)  # [B, 2]
-        vec = self.embed_vec(zeros, size_t, torch.zeros_like(size_t))  # [B, E]
+        mod = self.modulation(self.embed_vec(zeros, size_t, torch.zeros_like(size_t)))  # [B, 12·D] per block
         rope = rope_table(H // p, W // p, self.cfg.attention_head_dim, x.device)
         x = x.to(self.proj_out.weight.dtype)
         prior = self.prior_projector(self.prior_token_embedding(prior_ids))  # [B, L, D]
         x = self.image_projector.proj(patchify(x, p)) + prior  # [B, L, D]
         c = x.new_zeros(B, 0, self.cfg.dim)  # no text tokens
         kvs = []
-        for block in self.transformer_blocks[:-1]:
-            x, c, kv = block(x, c, vec, rope)
+        for i, block in enumerate(self.transformer_blocks[:-1]):
+            x, c, kv = block(x, c, mod.blocks[i], rope)
             kvs.append(kv)
-        kvs.append(self.transformer_blocks[-1].kv_only(x, vec, rope))
+        kvs.append(self.transformer_blocks[-1].kv_only(x, mod.blocks[-1], rope))
         return kvs
 
 

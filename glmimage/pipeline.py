@@ -100,7 +100,7 @@ class Pipeline:
                                     top_k=gen.get("top_k", 50))
         proc = loading.read_json(root / "processor" / "preprocessor_config.json")
         return cls(
-            ar=ar.eval(), image_tokenizer=image_tokenizer.eval(), dit=dit.eval(),
+            ar=ar.eval(), image_tokenizer=image_tokenizer.eval(), dit=dit.eval().fuse(),
             prompt_tokenizer=PromptTokenizer.from_dir(root / "processor"),
             glyph=GlyphEncoder.from_folder(root / "text_encoder", device=device, dtype=dtype),
             vae=VAE.from_folder(root / "vae", device=device, dtype=dtype),
@@ -218,18 +218,25 @@ class Pipeline:
         timesteps, sigmas = make_schedule(num_inference_steps, grid_hw[0] * grid_hw[1], self.scheduler_config)
         size = torch.tensor([[height, width]] * B, dtype=torch.float32, device=self.device)
         crop = torch.zeros(B, 2, dtype=torch.float32, device=self.device)
-        ctx_c = self.dit.context(glyph, prior, False, grid_hw, ref_kv)
+        ctx_c = self.dit.context(glyph, prior, False, grid_hw)
         ctx_u = self.dit.context(glyph_neg, prior, True, grid_hw) if guidance_scale > 1 else None
-        vecs = {}
+        if ref_kv is not None:                # conditional branch only; prefix preallocated, tail written per step
+            num_new = ctx_c.txt.shape[1] + grid_hw[0] * grid_hw[1]
+            ctx_c = ctx_c._replace(ref_kv=self.dit.prefix_buffers(ref_kv, B, num_new))
+        batch_cfg = ctx_u is not None and ref_kv is None          # t2i: both branches in one forward
+        ctx_cfg = self.dit.batch_cfg(ctx_c, ctx_u) if batch_cfg else None
+        # every step's AdaLN vectors at once: they depend only on (t, size, crop), the same for both branches
+        n = len(timesteps)
+        vec = self.dit.embed_vec(timesteps.to(self.device), size[:1].expand(n, 2), crop[:1].expand(n, 2))  # [n, E]
+        mods = self.dit.modulation(vec)
 
-        def velocity(x: torch.Tensor, t: torch.Tensor, cond: bool) -> torch.Tensor:
-            key = float(t[0])
-            if key not in vecs:                          # the same for both branches of a step
-                vecs.clear()
-                vecs[key] = self.dit.embed_vec(t.to(self.device), size, crop)
-            return self.dit.velocity(x, ctx_c if cond else ctx_u, vecs[key]).float()
+        def velocity(x: torch.Tensor, i: int, cond: bool | None) -> torch.Tensor:
+            mod = type(mods)([m[i:i + 1] for m in mods.blocks], mods.out[i:i + 1])
+            ctx = ctx_cfg if cond is None else ctx_c if cond else ctx_u
+            return self.dit.velocity(x, ctx, mod=mod).float()
 
-        latents = denoise(velocity, noise.to(self.device), timesteps, sigmas, guidance_scale, callback=callback)
+        latents = denoise(velocity, noise.to(self.device), timesteps, sigmas, guidance_scale, callback=callback,
+                          batch_cfg=batch_cfg)
 
         # 5. decode
         return pixels_to_pil(self.vae.decode(latents))

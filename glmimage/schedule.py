@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-ModelFn = Callable[[Tensor, Tensor, bool], Tensor]  # (x [B, C, H, W] fp32, t [B] fp32, cond) -> v
+ModelFn = Callable[[Tensor, int, "bool | None"], Tensor]  # (x [B, C, H, W] fp32, step index, cond) -> v
 
 
 def shift_mu(image_seq_len: int, base_seq_len: int = 256, base_shift: float = 0.25, max_shift: float = 0.75) -> float:
@@ -71,19 +71,23 @@ def euler_step(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tenso
 
 
 def denoise(model: ModelFn, x: Tensor, timesteps: Tensor, sigmas: Tensor, guidance_scale: float,
-            callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
+            callback: Callable[[int, Tensor], None] | None = None, batch_cfg: bool = False) -> Tensor:
     """Euler loop from noise x [B, C, H, W] to fp32 latents (timesteps, sigmas from `make_schedule`).
 
-    `model(x, t, cond)` gets fp32 x, t = timesteps[i] expanded to [B], and cond=True for the conditional branch,
-    False for the unconditional one (called only when guidance_scale > 1); it casts x to its own dtype.
-    `callback(i, x)` runs after each step."""
+    `model(x, i, cond)` gets fp32 x and the step index i (its timestep is timesteps[i]; passing the index lets the
+    model precompute per-step work for the whole schedule), cond=True for the conditional branch, False for the
+    unconditional one (called only when guidance_scale > 1); it casts x to its own dtype. With batch_cfg, both
+    branches run as one batch: `model([x; x], i, None)` returns [v_cond; v_uncond]. `callback(i, x)` runs
+    after each step."""
     x = x.float()
-    timesteps, sigmas = timesteps.to(x.device), sigmas.to(x.device)
+    sigmas = sigmas.to(x.device)
     for i in range(len(timesteps)):
-        t = timesteps[i].expand(x.shape[0])  # [B]
-        v = model(x, t, True)
-        if guidance_scale > 1:
-            v = cfg(v, model(x, t, False), guidance_scale)
+        if guidance_scale > 1 and batch_cfg:
+            v = cfg(*model(torch.cat([x, x]), i, None).chunk(2), guidance_scale)
+        else:
+            v = model(x, i, True)
+            if guidance_scale > 1:
+                v = cfg(v, model(x, i, False), guidance_scale)
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
         if callback is not None:
             callback(i, x)

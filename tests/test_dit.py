@@ -267,8 +267,12 @@ def test_denoise_matches_scheduler_step():
     def uncond(x, t):
         return (x.to(torch.bfloat16) * -0.25 + b).to(torch.bfloat16)
 
-    def model(x, t, is_cond):
+    def model(x, i, is_cond):
         calls.append(is_cond)
+        t = timesteps[i].expand(x.shape[0])
+        if is_cond is None:  # batched CFG: [cond; uncond]
+            B = x.shape[0] // 2
+            return torch.cat([cond(x[:B], t[:B]), uncond(x[B:], t[B:])])
         return cond(x, t) if is_cond else uncond(x, t)
 
     for g_scale in (1.5, 1.0):
@@ -285,6 +289,10 @@ def test_denoise_matches_scheduler_step():
         got = denoise(model, noise, timesteps, sigmas, g_scale, callback=lambda i, x: seen.append(i))
         assert seen == list(range(6)) and got.dtype == torch.float32
         assert calls == ([True, False] * 6 if g_scale > 1 else [True] * 6)
+        assert torch.equal(got, want)
+        calls = []
+        got = denoise(model, noise, timesteps, sigmas, g_scale, batch_cfg=True)
+        assert calls == ([None] * 6 if g_scale > 1 else [True] * 6)
         assert torch.equal(got, want)
 
 
