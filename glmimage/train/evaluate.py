@@ -1,0 +1,88 @@
+"""Score an exported model with glmimage.eval_scenes and draw a sample grid for the model card.
+
+    python -m glmimage.train.evaluate --model glmimage/assets/model --n 50 --out /tmp/eval --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+SAMPLE_PROMPTS = [
+    "a large red circle in the center, on a white background.",
+    "a small blue square at the top left, on a light gray background.",
+    "a large green triangle on the right, on a cream background.",
+    "a small yellow star at the bottom, on a light blue background.",
+    "a large purple square at the top right and a small orange circle at the bottom left, on a white background.",
+    "a small pink triangle on the left, a large black circle at the top right and a small green star at the "
+    "bottom right, on a cream background.",
+    "a large blue circle at the bottom left, with the word 'SUN' written at the top, on a white background.",
+    "a small red star at the top, with the word 'CAT' written in blue at the bottom, on a light gray background.",
+    "a large orange square at the top left, with the word '\u5b66\u6821' written at the bottom, on a white background.",
+    "a large yellow circle in the center, with the word 'QZX' written at the top, on a light blue background.",
+]
+
+
+def load(model: str | None, steps: int, guidance: float):
+    from glmimage.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained(model)
+    index = json.loads((Path(model or pipe_default()) / "model_index.json").read_text()).get("glmimage", {})
+    pt = pipe.prompt_tokenizer                       # until the pipeline passes these from model_index.json
+    pt.token_px, pt.preview_side = index.get("ar_token_px", 32), index.get("preview_side", 16)
+    size = index.get("native_size", 1024)
+
+    def generate(prompt: str, seed: int) -> Image.Image:
+        return pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, seed=seed)[0]
+
+    def edit(instruction: str, source: Image.Image, seed: int) -> Image.Image:
+        return pipe(instruction, height=size, width=size, image=source, num_inference_steps=steps,
+                    guidance_scale=guidance, seed=seed)[0]
+
+    return pipe, generate, edit, size
+
+
+def pipe_default() -> Path:
+    from glmimage.pipeline import default_model
+    return default_model()
+
+
+def sample_grid(generate, size: int, path: Path, seeds=(0, 1)) -> None:
+    tiles = [[generate(p, s) for p in SAMPLE_PROMPTS] for s in seeds]
+    sheet = Image.new("RGB", (size * len(SAMPLE_PROMPTS), size * len(seeds)), "white")
+    for r, row in enumerate(tiles):
+        for c, im in enumerate(row):
+            sheet.paste(im, (c * size, r * size))
+    sheet.save(path)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--n-edit", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--grid", default=None, help="also write a sample grid PNG here")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from glmimage.eval_scenes import evaluate
+    pipe, generate, edit, size = load(args.model, args.steps, args.guidance)
+    t = time.perf_counter()
+    generate(SAMPLE_PROMPTS[0], 0)
+    print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
+    if args.grid:
+        sample_grid(generate, size, Path(args.grid))
+    report = evaluate(generate, args.n, args.seed, args.out, size=size, edit_fn=edit, n_edit=args.n_edit)
+    print(json.dumps(report["scores"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
