@@ -54,7 +54,7 @@ SHAPE_PROTOTYPES = {
     "star": (4 * _STAR_AREA / (_STAR_BBOX_W * _STAR_BBOX_H), 0.58, 1 / _STAR_BBOX_H,
              math.log(_STAR_BBOX_W / _STAR_BBOX_H)),
 }
-MAX_SHAPE_DISTANCE = 0.2
+MAX_SHAPE_DISTANCE = 0.25
 _SIZE_THRESHOLD = math.sqrt(SIZES["small"] * SIZES["large"])
 
 

@@ -554,7 +554,7 @@ def _paraphrase(scene: Scene, rng: random.Random) -> str:
         w = scene.word
         q0, q1 = rng.choice(_QUOTES)
         colour = f" in {w.colour}" if w.colour != "black" or rng.random() < 0.3 else ""
-        row = {"top": "top", "middle": "middle", "bottom": "bottom"}[w.row]
+        row = w.row
         text += rng.choice((
             f", with the word {q0}{w.text}{q1} written{colour} at the {row}",
             f", and the text {q0}{w.text}{q1}{colour} across the {row} row",
