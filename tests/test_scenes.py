@@ -24,7 +24,7 @@ def strip(scene: S.Scene) -> S.Scene:
 
 def has_ocr() -> bool:
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (imported to see if it is installed)
         import rapidocr  # noqa: F401
     except ImportError:
         return False
@@ -391,6 +391,7 @@ def test_image_text_folder(tmp_path):
     assert ex["image"].size == (32, 32) and ex["image"].mode == "RGB" and ex["key"] == "img0"
     wide = folder.ImageTextFolder(tmp_path, size=(64, 32), shuffle=False)[3]["image"]
     assert wide.size == (64, 32) and wide.getpixel((0, 0)) == (90, 0, 0)
+    assert folder.ImageTextFolder(tmp_path)[0]["image"].size == (48, 32)  # size=None: as stored
     with pytest.raises(ValueError):
         folder.ImageTextFolder(tmp_path / "nothing", size=32)
 

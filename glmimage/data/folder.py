@@ -2,8 +2,8 @@
 (read with the standard library's tarfile; no webdataset dependency).
 
 Both yield {"image": PIL RGB of exactly `size`, "caption": str, "key": str}, resized to cover the size
-and center-cropped. Shuffling is deterministic: the order of an epoch depends only on (seed, epoch), and
-call set_epoch(e) between epochs for a new order. Work is split over ranks (rank, world_size) and
+and center-cropped (size=None keeps each image as stored, in RGB). Shuffling is deterministic: the order
+of an epoch depends only on (seed, epoch); call set_epoch(e) between epochs for a new order. Work is split over ranks (rank, world_size) and
 DataLoader workers without overlap.
 
     data = ImageTextFolder("photos/", size=256)              # photos/a.jpg + photos/a.txt, ...
@@ -24,7 +24,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTS = ("txt", "caption")
 
 
-def _size(size) -> tuple[int, int]:
+def _size(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
     width, height = (size, size) if isinstance(size, int) else tuple(size)
     if width < 1 or height < 1:
         raise ValueError(f"size must be positive, got {size!r}")
@@ -43,6 +45,8 @@ def load_rgb(image: Image.Image) -> Image.Image:
 
 def resize_center_crop(image: Image.Image, size) -> Image.Image:
     """Resize so the image covers `size` (int or (width, height)), then crop the centre to exactly that."""
+    if size is None:
+        return load_rgb(image)
     return ImageOps.fit(load_rgb(image), _size(size), method=Image.BICUBIC, centering=(0.5, 0.5))
 
 
@@ -57,7 +61,7 @@ class ImageTextFolder(IterableDataset):
 
     Random access with ds[i]; iteration goes over a seeded permutation per epoch."""
 
-    def __init__(self, path, size, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(self, path, size=None, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.root = Path(path)
         if not self.root.is_dir():
@@ -155,7 +159,7 @@ class WebDatasetShards(IterableDataset):
     Shards are shuffled per epoch and split over ranks and workers (over samples instead when there are
     fewer shards than readers); samples pass through a seeded shuffle buffer of `shuffle_buffer`."""
 
-    def __init__(self, pattern_or_list, size, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
+    def __init__(self, pattern_or_list, size=None, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  rank: int = 0, world_size: int = 1):
         super().__init__()
         self.shards = expand_shards(pattern_or_list)
