@@ -3,8 +3,8 @@
 
 Both yield {"image": PIL RGB of exactly `size`, "caption": str, "key": str}, resized to cover the size
 and center-cropped (size=None keeps each image as stored, in RGB). Shuffling is deterministic: the order
-of an epoch depends only on (seed, epoch); call set_epoch(e) between epochs for a new order. Work is split over ranks (rank, world_size) and
-DataLoader workers without overlap.
+of an epoch depends only on (seed, epoch); call set_epoch(e) between epochs for a new order. Work is split
+over ranks (rank, world_size) and DataLoader workers without overlap.
 
     data = ImageTextFolder("photos/", size=256)              # photos/a.jpg + photos/a.txt, ...
     data = WebDatasetShards("shards/train-{000..099}.tar", size=256)   # a.jpg + a.txt inside each tar
