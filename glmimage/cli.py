@@ -1,4 +1,5 @@
-"""Command line: `glmimage generate`, `glmimage edit`, `glmimage make-random`.
+"""Command line: `glmimage generate`, `glmimage edit`, `glmimage make-random`, and the delegated
+`glmimage train|export|eval scenes|bench`.
 
     glmimage make-random /tmp/glm-debug --preset debug
     glmimage generate "a red circle with the word 'SUN'" --model /tmp/glm-debug --height 256 --width 256 -o out.png
@@ -40,6 +41,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, npu, mps, ...")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 elsewhere), float32, bfloat16")
+    p.add_argument("--offload", action="store_true", help="keep only the running stage resident (less memory)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +62,7 @@ def load_pipeline(args):
     from glmimage.pipeline import Pipeline
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    return Pipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    return Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
 
 
 def cmd_generate(args, images=None) -> None:
@@ -83,8 +85,34 @@ def cmd_make_random(args) -> None:
     print(f"wrote a random {args.preset} checkpoint (official layout) to {out}")
 
 
+# Sub-commands with their own argument parsers, dispatched on the first word.
+def _delegate(argv: list[str]) -> bool:
+    cmd, rest = argv[0], argv[1:]
+    if cmd in ("train", "export"):
+        from glmimage.train.__main__ import main as train_main
+        train_main(argv)
+    elif cmd == "bench":
+        from glmimage.bench import main as bench_main
+        bench_main(rest)
+    elif cmd == "eval":
+        if not rest or rest[0] != "scenes":
+            raise SystemExit("usage: glmimage eval scenes --model PATH --n N --seed S [--out DIR]")
+        from glmimage.train.evaluate import main as eval_main
+        rest = rest[1:]
+        eval_main(rest if "--out" in rest else rest + ["--out", "eval-scenes"])
+    else:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="glmimage", description="GLM-Image: AR prior + diffusion decoder")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and _delegate(argv):
+        return
+    parser = argparse.ArgumentParser(
+        prog="glmimage", description="GLM-Image: AR prior + diffusion decoder",
+        epilog="more: glmimage train {vae,tokenizer,ar,decoder} ... | glmimage export ... | "
+               "glmimage eval scenes ... | glmimage bench ... (each takes --help)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="text to image")

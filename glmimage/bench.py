@@ -1,0 +1,341 @@
+"""glmimage bench: our pipeline and the reference (diffusers GlmImagePipeline + transformers), side by side.
+
+Both run on the same official-layout checkpoint with the same prompt, seed and sampling settings, each in a
+fresh process, and report per stage (AR prefill, AR decode tokens/s, glyph, DiT per step, VAE) and end to end,
+plus peak memory (RSS on CPU, max allocated on an accelerator). The machine's own floor is measured first
+(matmul rate and weight-streaming bandwidth), and each stage's distance to it is reported.
+
+    glmimage bench --preset medium                     # random checkpoint with the official depths, CPU fp32
+    glmimage bench --preset medium --dtype bfloat16    # ours in bf16 vs the reference's best CPU setting (fp32)
+    glmimage bench --preset full --device cuda --height 1024 --width 1024 --steps 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "a large red circle at the top left and a small blue square at the bottom right, with the word 'SUN' " \
+         "written at the middle, on a white background."
+
+
+def sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+def peak_memory(device: torch.device) -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
+    out = {"peak_rss_gb": rss / 1e9}
+    if device.type == "cuda":
+        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The floor: what this machine can do at best, measured, and what it implies per stage.
+
+def measure_floor(device: torch.device, dtype: torch.dtype, hidden: int, n_tokens: int) -> dict:
+    """Best matmul rate at the DiT's shapes and best weight-streaming bandwidth (a GEMV over a big matrix)."""
+    def best(fn, reps=5):
+        fn()
+        sync(device)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    a = torch.randn(n_tokens, hidden, device=device, dtype=dtype)
+    w = torch.randn(4 * hidden, hidden, device=device, dtype=dtype)
+    flops = 2 * n_tokens * hidden * 4 * hidden
+    matmul = flops / best(lambda: a @ w.T)
+    big = torch.randn(max(64 * 2**20 // hidden // (2 if dtype != torch.float32 else 1), 1), hidden,
+                      device=device, dtype=dtype)   # 256 MB fp32 / 128 MB bf16, well above the caches
+    x = torch.randn(1, hidden, device=device, dtype=dtype)
+    bandwidth = big.numel() * big.element_size() / best(lambda: x @ big.T)
+    return {"matmul_flops": matmul, "stream_bytes_per_s": bandwidth}
+
+
+def stage_floors(pipe, floor: dict, height: int, width: int, steps: int, guidance: float, n_new: int) -> dict:
+    """Lower bounds per stage on this machine: decode streams the AR weights once per token; a DiT step does its
+    FLOPs (x2 with CFG) at the best matmul rate."""
+    ar_bytes = sum(p.numel() * p.element_size() for n, p in pipe.ar.named_parameters() if "embed_tokens" not in n)
+    decode = ar_bytes / floor["stream_bytes_per_s"]
+    cfg = pipe.dit.cfg
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    n = (height // 16) * (width // 16)
+    t = 8                                                                     # a few glyph tokens
+    per_layer = 2 * (n + t) * (4 * inner * inner + 2 * inner * 4 * inner) + 4 * (n + t) ** 2 * inner
+    step = per_layer * cfg.num_layers * (2 if guidance > 1 else 1) / floor["matmul_flops"]
+    return {"ar_decode_s_per_token": decode, "ar_decode": decode * n_new, "dit_per_step": step,
+            "dit": step * steps}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workers: one implementation, one fresh process, JSON out.
+
+class Timer:
+    """Wrap a callable to accumulate its wall time (synchronising the device) and count calls."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.total, self.calls, self.first = fn, device, 0.0, 0, None
+
+    def __call__(self, *a, **k):
+        sync(self.device)
+        t = time.perf_counter()
+        out = self.fn(*a, **k)
+        sync(self.device)
+        dt = time.perf_counter() - t
+        self.total += dt
+        self.calls += 1
+        self.first = dt if self.first is None else self.first
+        return out
+
+
+def worker_reference(args, device, dtype) -> dict:
+    from diffusers import GlmImagePipeline
+    t0 = time.perf_counter()
+    pipe = GlmImagePipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+    vle, dit = pipe.vision_language_encoder, pipe.transformer
+
+    def run():
+        timers = {"ar": Timer(vle.generate, device), "ar_forward": Timer(vle.forward, device),
+                  "glyph": Timer(pipe.encode_prompt, device), "dit": Timer(dit.forward, device),
+                  "vae": Timer(pipe.vae.decode, device)}
+        vle.generate, vle.forward = timers["ar"], timers["ar_forward"]
+        pipe.encode_prompt, dit.forward, pipe.vae.decode = timers["glyph"], timers["dit"], timers["vae"]
+        captured = {}
+        orig_up = pipe._upsample_token_ids
+
+        def capture(ids, h, w):
+            captured["grid"] = ids.view(h, w).clone()
+            return orig_up(ids, h, w)
+        pipe._upsample_token_ids = capture
+        sync(device)
+        t = time.perf_counter()
+        image = pipe(PROMPT, height=args.height, width=args.width, num_inference_steps=args.steps,
+                     guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed)).images[0]
+        sync(device)
+        total = time.perf_counter() - t
+        for name, tm in timers.items():          # unwrap
+            setattr(vle if name.startswith("ar") else dit if name == "dit" else pipe.vae if name == "vae" else pipe,
+                    {"ar": "generate", "ar_forward": "forward", "glyph": "encode_prompt", "dit": "forward",
+                     "vae": "decode"}[name], tm.fn)
+        pipe._upsample_token_ids = orig_up
+        n_new = timers["ar_forward"].calls
+        prefill = timers["ar_forward"].first
+        stages = {"ar": timers["ar"].total, "ar_prefill": prefill,
+                  "ar_decode": timers["ar"].total - prefill,
+                  "ar_decode_tokens_per_s": (n_new - 1) / max(timers["ar"].total - prefill, 1e-9),
+                  "glyph": timers["glyph"].total, "dit": timers["dit"].total,
+                  "dit_per_step": timers["dit"].total / args.steps, "vae": timers["vae"].total, "total": total}
+        return image, captured["grid"], stages, n_new
+
+    for _ in range(args.warmup):
+        run()
+    image, grid, stages, n_new = run()
+    return {"impl": "reference (diffusers GlmImagePipeline + transformers)", "load_s": load_s, "stages": stages,
+            "ar_new_tokens": n_new, "grid": grid.tolist(), "image": image}
+
+
+def worker_ours(args, device, dtype) -> dict:
+    from glmimage.pipeline import Pipeline
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    if args.compile:
+        pipe.compile()
+    load_s = time.perf_counter() - t0
+
+    def run(prior=None):
+        timings: dict = {}
+        sync(device)
+        t = time.perf_counter()
+        image = pipe(PROMPT, height=args.height, width=args.width, num_inference_steps=args.steps,
+                     guidance_scale=args.guidance, seed=args.seed, prior_token_ids=prior, timings=timings)[0]
+        sync(device)
+        timings["total"] = time.perf_counter() - t
+        return image, timings
+
+    for _ in range(args.warmup):
+        run()
+    image, stages = run()
+    out = {"impl": f"glmimage ({dtype})", "load_s": load_s, "stages": stages, "image": image,
+           "grid": stages.pop("grid")}
+    n_new = stages.get("ar_new_tokens", 0)
+    floor = measure_floor(device, dtype, pipe.dit.cfg.num_attention_heads * pipe.dit.cfg.attention_head_dim,
+                          (args.height // 16) * (args.width // 16))
+    out["floor"] = {**floor, **stage_floors(pipe, floor, args.height, args.width, args.steps, args.guidance, n_new)}
+    if args.tokens:                                  # the reference's tokens, decoded by us: image parity
+        grid = torch.tensor(json.loads(Path(args.tokens).read_text()))
+        out["image_from_reference_tokens"], _ = run(grid)
+    return out
+
+
+def worker_main(args) -> None:
+    from glmimage.cli import pick_device, pick_dtype
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = (worker_reference if args.worker == "reference" else worker_ours)(args, device, dtype)
+    result.update(peak_memory(device))
+    result["device"] = machine_name(device)
+    out = Path(args.json_out)
+    for key in ("image", "image_from_reference_tokens"):
+        if key in result:
+            path = out.with_name(out.stem + f"_{key}.png")
+            result.pop(key).save(path)
+            result[key] = str(path)
+    out.write_text(json.dumps(result, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None) -> dict:
+    cmd = [sys.executable, "-m", "glmimage.bench", "--worker", worker, "--model", str(args.model),
+           "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),
+           "--guidance", str(args.guidance), "--seed", str(args.seed), "--device", args.device, "--dtype", dtype,
+           "--warmup", str(args.warmup), "--json-out", str(json_out)]
+    if tokens is not None:
+        cmd += ["--tokens", str(tokens)]
+    if args.compile:
+        cmd += ["--compile"]
+    if args.offload:
+        cmd += ["--offload"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads(json_out.read_text())
+
+
+def image_diff(a: str, b: str) -> dict:
+    import numpy as np
+    from PIL import Image
+    x = np.asarray(Image.open(a), dtype=np.float64)
+    y = np.asarray(Image.open(b), dtype=np.float64)
+    mse = ((x - y) ** 2).mean()
+    return {"max_abs": float(np.abs(x - y).max()), "psnr_db": float(10 * np.log10(255 ** 2 / mse)) if mse else None}
+
+
+def table(results: dict) -> str:
+    rows = ["ar_prefill", "ar_decode", "ar_decode_tokens_per_s", "glyph", "dit", "dit_per_step", "vae", "total"]
+    names = list(results)
+    lines = [f"{'stage':<24}" + "".join(f"{n:>22}" for n in names)]
+    for r in rows:
+        vals = [results[n]["stages"].get(r) for n in names]
+        lines.append(f"{r:<24}" + "".join(f"{v:>22.3f}" if isinstance(v, (int, float)) else f"{'-':>22}"
+                                          for v in vals))
+    lines.append(f"{'peak_rss_gb':<24}" + "".join(f"{results[n]['peak_rss_gb']:>22.2f}" for n in names))
+    if any("peak_allocated_gb" in results[n] for n in names):
+        lines.append(f"{'peak_allocated_gb':<24}" + "".join(
+            f"{results[n].get('peak_allocated_gb', float('nan')):>22.2f}" for n in names))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="glmimage bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="medium", help="random checkpoint preset (debug, medium, full)")
+    p.add_argument("--model", default=None, help="an existing checkpoint folder instead of a random one")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="our dtype (several: comma-separated, e.g. float32,bfloat16)")
+    p.add_argument("--reference-dtype", default="float32", help="the reference's dtype ('none' skips it)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="torch.compile our AR decode step and DiT blocks")
+    p.add_argument("--offload", action="store_true", help="keep only the running stage resident")
+    p.add_argument("--out", default=None, help="JSON report path (default benchmarks/results/<preset>-<device>.json)")
+    p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--json-out", help=argparse.SUPPRESS)
+    p.add_argument("--tokens", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+
+    if args.model is None:
+        from glmimage.random_checkpoint import make_random_checkpoint
+        cache = Path(os.environ.get("GLMIMAGE_CACHE", Path.home() / ".cache" / "glmimage")) / f"random-{args.preset}"
+        if not (cache / "model_index.json").exists():
+            print(f"writing a random {args.preset} checkpoint to {cache}", flush=True)
+            make_random_checkpoint(cache, preset=args.preset, seed=0)
+        args.model = str(cache)
+    tmp = Path(tempfile.mkdtemp(prefix="glmimage-bench-"))
+    results, tokens = {}, None
+    if args.reference_dtype != "none":
+        ref = spawn(args, "reference", args.reference_dtype, tmp / "reference.json")
+        tokens = tmp / "reference_tokens.json"
+        tokens.write_text(json.dumps(ref["grid"]))
+        results[f"reference-{args.reference_dtype}"] = ref
+    for dt in args.dtype.split(","):
+        ours = spawn(args, "ours", dt, tmp / f"ours-{dt}.json", tokens)
+        results[f"glmimage-{dt}"] = ours
+    report = {"config": {k: getattr(args, k) for k in ("preset", "model", "height", "width", "steps", "guidance",
+                                                         "seed", "device", "warmup", "compile", "offload")},
+              "prompt": PROMPT, "results": results, "comparisons": {}}
+    ref_key = next((k for k in results if k.startswith("reference")), None)
+    fp32_key = next((k for k in results if k.startswith("glmimage-f") and "32" in k), None)
+    for k, r in results.items():
+        if not k.startswith("glmimage"):
+            continue
+        cmp = {}
+        s = r["stages"]
+        if ref_key:
+            rs = results[ref_key]["stages"]
+            cmp["speedup_end_to_end"] = rs["total"] / s["total"]
+            cmp["speedup_ar_decode"] = s["ar_decode_tokens_per_s"] / rs["ar_decode_tokens_per_s"]
+            cmp["speedup_dit"] = rs["dit"] / s["dit"]
+            cmp["peak_rss_ratio"] = r["peak_rss_gb"] / results[ref_key]["peak_rss_gb"]
+            if "image_from_reference_tokens" in r:
+                cmp["image_vs_reference_same_tokens"] = image_diff(r["image_from_reference_tokens"],
+                                                                   results[ref_key]["image"])
+        if fp32_key and fp32_key != k and "image_from_reference_tokens" in r:
+            cmp["image_vs_our_fp32_same_tokens"] = image_diff(r["image_from_reference_tokens"],
+                                                              results[fp32_key]["image_from_reference_tokens"])
+        f = r.get("floor", {})
+        if f:
+            cmp["ar_decode_over_floor"] = s["ar_decode"] / f["ar_decode"] if f.get("ar_decode") else None
+            cmp["dit_over_floor"] = s["dit"] / f["dit"]
+        report["comparisons"][k] = cmp
+    out = Path(args.out or f"benchmarks/results/{args.preset}-{'-'.join(args.dtype.split(','))}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for r in results.values():
+        r.pop("grid", None)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(table(results))
+    print(json.dumps(report["comparisons"], indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
