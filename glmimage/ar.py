@@ -122,11 +122,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # Blocks
 
 class KVCache:
-    """Preallocated keys/values for one request: k, v (L, B, K, T, D). Plain tensors, never on the model."""
+    """Preallocated keys/values for one request: k, v (L, B, K, T, D). Plain tensors, never on the model.
+    A forward over cache slots [start, start+S) writes there and attends over slots [0, start+S)."""
 
     def __init__(self, cfg: ARConfig, batch: int, length: int, device: torch.device, dtype: torch.dtype):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-        # zeros, not empty: masked slots still enter the attention matmul (0 * NaN would be NaN)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -140,21 +140,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                kv: tuple[Tensor, Tensor] | None = None, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """mask (B, 1, S, L) bool, True = attend; None = causal (a prompt from slot 0, or one new token).
+        kv: this layer's cache slots [0, L), the last S of which are this chunk's."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, S, D)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, D)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            # write this chunk at input_pos, then attend over the first mask.shape[-1] cache slots
-            k_cache, v_cache = kv                                                      # (B, K, T, D)
-            k_cache.index_copy_(2, input_pos, k)
-            v_cache.index_copy_(2, input_pos, v)
-            k, v = k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]]
-        # GQA: kv head j serves query heads j*H/K .. (j+1)*H/K - 1; scale 1/sqrt(D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, S, D)
+            k_cache, v_cache = kv                                                      # (B, K, L, D)
+            k_cache[:, :, -S:], v_cache[:, :, -S:] = k, v
+            k, v = k_cache, v_cache
+        # GQA: kv head j serves query heads j*H/K .. (j+1)*H/K - 1; scale 1/sqrt(D). Without padding no mask is
+        # built, as in the reference: the same SDPA call, bit-identical results (and flash kernels on GPUs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                                           enable_gqa=True)                            # (B, H, S, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))                        # (B, S, dim)
 
 
@@ -179,9 +181,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.post_mlp_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                kv: tuple[Tensor, Tensor] | None = None, input_pos: Tensor | None = None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, input_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         x = x + self.post_self_attn_layernorm(h)
         h = self.mlp(self.post_attention_layernorm(x))
         return x + self.post_mlp_layernorm(h)                            # (B, S, dim)
@@ -195,14 +197,16 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: KVCache | None = None,
-                input_pos: Tensor | None = None) -> Tensor:
-        """ids (B, S), pos (3, B, S), mask (B, 1, S, S or T) bool (True = attend) -> hidden (B, S, dim)."""
+    def forward(self, ids: Tensor, pos: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                start: int = 0) -> Tensor:
+        """ids (B, S) at cache slots [start, start+S), pos (3, B, S), mask (B, 1, S, start+S) bool or None
+        (causal) -> hidden (B, S, dim)."""
         x = self.embed_tokens(ids)                                       # (B, S, dim)
         cos, sin = mrope_cos_sin(self.cfg, pos, x.dtype)                 # (B, S, R)
+        end = start + ids.shape[1]
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, mask, kv, input_pos)
+            kv = None if cache is None else (cache.k[i, :, :, :end], cache.v[i, :, :, :end])  # views
+            x = layer(x, cos, sin, mask, kv)
         return self.norm(x)
 
 
@@ -213,9 +217,9 @@ class ARModel(nn.Module):
         self.decoder = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vision_vocab_size, bias=False)
 
-    def forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: KVCache | None = None,
-                input_pos: Tensor | None = None) -> Tensor:
-        return self.lm_head(self.decoder(ids, pos, mask, cache, input_pos))  # (B, S, V)
+    def forward(self, ids: Tensor, pos: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                start: int = 0) -> Tensor:
+        return self.lm_head(self.decoder(ids, pos, mask, cache, start))  # (B, S, V)
 
 
 # checkpoint prefix (official vision_language_encoder keys) -> our prefix
@@ -298,7 +302,7 @@ def sample_token(logits: Tensor, u: Tensor, n_codes: int, temperature: float, to
 # Generation
 
 class Request:
-    """Everything one generation needs beyond the weights: positions, mask, KV cache. Built once at prefill."""
+    """Everything one generation needs beyond the weights: positions, padding mask, KV cache. Built once."""
 
     def __init__(self, model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
                  target_grids: list[tuple[int, int]], attention_mask: Tensor | None = None):
@@ -309,36 +313,37 @@ class Request:
         self.prompt_len, self.n_new = S, sum(h * w for h, w in target_grids)
         T = S + self.n_new
         self.pos = build_positions(cfg, input_ids, attention_mask, ref_grids, target_grids)  # (3, B, T)
-        key_valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-        if attention_mask is not None:
-            key_valid[:, :S] = attention_mask.bool()
-        self.key_valid = key_valid                                      # (B, T)
-        self.slots = torch.arange(T, device=input_ids.device)           # (T,) cache slot ids (= input_pos values)
+        self.key_valid = None                                           # (B, T) bool, only for padded batches
+        if attention_mask is not None and not attention_mask.bool().all():
+            self.key_valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            self.key_valid[:, :S] = attention_mask.bool()
         self.cache = KVCache(cfg, B, T, weight.device, weight.dtype)
 
-    def prefill_mask(self) -> Tensor:
-        """(B, 1, S, S): causal over valid keys; a pad row sees itself so it stays finite."""
+    def prefill_mask(self) -> Tensor | None:
+        """(B, 1, S, S): causal over valid keys, and a pad row sees itself so it stays finite. None: causal."""
+        if self.key_valid is None:
+            return None
         S = self.prompt_len
-        q, k = self.slots[:S, None], self.slots[None, :S]
-        causal = (k <= q) & self.key_valid[:, None, :S]                 # (B, S, S)
-        return (causal | (k == q))[:, None]
+        i = torch.arange(S, device=self.key_valid.device)
+        causal = (i[None, :] <= i[:, None]) & self.key_valid[:, None, :S]            # (B, S, S)
+        return (causal | torch.eye(S, dtype=torch.bool, device=causal.device))[:, None]
 
-    def decode_mask(self, t: int) -> Tensor:
-        """(B, 1, 1, T) for the token written at slot t."""
-        return (self.key_valid & (self.slots <= t))[:, None, None, :]
+    def decode_mask(self, t: int) -> Tensor | None:
+        """(B, 1, 1, t+1) for the token at slot t (it sees slots 0..t). None: no padding, every slot is valid."""
+        return None if self.key_valid is None else self.key_valid[:, None, None, :t + 1]
 
 
 def prefill(model: ARModel, req: Request, input_ids: Tensor) -> Tensor:
     """Run the prompt through the model, filling the cache. Returns the next-token logits (B, V)."""
     S = req.prompt_len
-    h = model.decoder(input_ids, req.pos[:, :, :S], req.prefill_mask(), req.cache, req.slots[:S])
+    h = model.decoder(input_ids, req.pos[:, :, :S], req.prefill_mask(), req.cache, start=0)
     return model.lm_head(h[:, -1])
 
 
 def decode_step(model: ARModel, req: Request, token: Tensor, step: int) -> Tensor:
     """Feed generated token number `step` (B,); returns the logits (B, V) for the next one."""
     t = req.prompt_len + step
-    h = model.decoder(token[:, None], req.pos[:, :, t:t + 1], req.decode_mask(t), req.cache, req.slots[t:t + 1])
+    h = model.decoder(token[:, None], req.pos[:, :, t:t + 1], req.decode_mask(t), req.cache, start=t)
     return model.lm_head(h[:, -1])
 
 
