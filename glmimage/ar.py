@@ -1,18 +1,18 @@
 """GLM-Image autoregressive prior: a GLM-4-style decoder that writes VQ ids, and its sampling loop.
 
-The decoder is GLM-4-9B-0414 with three changes that matter for weights and numerics:
-  * "sandwich" RMSNorms: four per layer (input, post_self_attn, post_attention, post_mlp); the branch outputs are
-    normalised before the residual add
-  * partial split-half ("NeoX") rotary on the first rotary_dim dims of each head, with 3-axis mRoPE: frequency i
-    takes its position from the t, h or w axis according to mrope_section
+The decoder is GLM-4-9B-0414's: GQA with q/k/v biases, a fused gate_up MLP, and "sandwich" RMSNorms (four per
+layer: input, post_self_attn, post_attention, post_mlp; branch outputs are normalised before the residual add).
+It differs from GLM-4 in two ways that matter for numerics and weights:
+  * split-half ("NeoX") rotary on the first rotary_dim dims of each head (GLM-4 interleaves pairs), with 3-axis
+    mRoPE: frequency i takes its position from the t, h or w axis according to mrope_section
   * lm_head only spans the vision vocabulary (VQ codes, BOI, EOI, unused slots): the model can only emit image ids
 
 Generation (`generate_prior`) samples one grid per target grid, in order: t2i = [preview, large], i2i = [large].
 The whole request (positions, KV cache, uniforms) is laid out once at prefill; the decode loop never syncs with the
 host. Ids >= BOI are masked while a grid is incomplete, so the grids always come back full.
 
-Legend: B batch, S prompt length, T cache length (prompt + generated), N generated tokens, D head dim,
-H query heads, K kv heads, R rotary dims, V vision vocab.
+Legend: B batch, S prompt (or chunk) length, T cache length (prompt + generated), L cache slots attended,
+N generated tokens, D head dim, H query heads, K kv heads, R rotary dims, V vision vocab.
 """
 from __future__ import annotations
 
@@ -201,6 +201,7 @@ class Decoder(nn.Module):
                 start: int = 0) -> Tensor:
         """ids (B, S) at cache slots [start, start+S), pos (3, B, S), mask (B, 1, S, start+S) bool or None
         (causal) -> hidden (B, S, dim)."""
+        assert mask is not None or start == 0 or ids.shape[1] == 1, "a causal chunk after slot 0 needs a mask"
         x = self.embed_tokens(ids)                                       # (B, S, dim)
         cos, sin = mrope_cos_sin(self.cfg, pos, x.dtype)                 # (B, S, R)
         end = start + ids.shape[1]
