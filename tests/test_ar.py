@@ -165,8 +165,20 @@ I2I = ([(3, 4), (2, 2)], [(5, 3)])
 def test_configs_from_official_json(config_json):
     assert ARConfig.from_hf(config_json) == ARConfig.from_name("debug")
     assert VisionConfig.from_hf(config_json) == VisionConfig.from_name("debug")
-    full = ARConfig.from_name("glm-image")
-    assert (full.rotary_dim, full.mrope_section, full.vision_vocab_size) == (64, [8, 12, 12], 16512)
+    # the official vision_language_encoder/config.json (values from the model card's files)
+    official = {
+        "image_start_token_id": 16384, "image_end_token_id": 16385, "image_token_id": 167855,
+        "text_config": {"hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
+                        "num_key_value_heads": 2, "intermediate_size": 13696, "rms_norm_eps": 1e-05,
+                        "vocab_size": 168064, "vision_vocab_size": 16512, "pad_token_id": 167841,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 0.5,
+                                            "mrope_section": [8, 12, 12]}},
+        "vision_config": {"depth": 40, "hidden_size": 1536, "num_heads": 16, "intermediate_size": 6144,
+                          "patch_size": 16, "image_size": 2048, "in_channels": 3, "layer_norm_eps": 1e-06},
+        "vq_config": {"embed_dim": 2048, "in_channels": 3},
+    }
+    assert ARConfig.from_hf(official) == ARConfig.from_name("glm-image")
+    assert VisionConfig.from_hf(official) == VisionConfig.from_name("glm-image")
     with pytest.raises(ValueError, match="debug"):
         ARConfig.from_name("nope")
     with pytest.raises(ValueError, match="glm-image"):
