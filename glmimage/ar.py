@@ -16,7 +16,9 @@ N generated tokens, D head dim, H query heads, K kv heads, R rotary dims, V visi
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -140,18 +142,40 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
+    def fuse_qkv(self) -> None:
+        """Inference layout: one (H+2K)·D x dim GEMM (`qkv_proj`) replaces q_proj, k_proj and v_proj (their
+        weights move into it; none is held twice). The state dict then has qkv_proj instead of the official keys."""
+        qkv = nn.Linear(self.q_proj.in_features, 1, bias=True, device="meta")
+        qkv.weight = nn.Parameter(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach(),
+                                  requires_grad=False)
+        qkv.bias = nn.Parameter(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]).detach(),
+                                requires_grad=False)
+        qkv.out_features = qkv.weight.shape[0]
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = qkv
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                kv: tuple[Tensor, Tensor] | None = None, write_at: Tensor | None = None) -> Tensor:
         """mask (B, 1, S, L) bool, True = attend; None = causal (a prompt from slot 0, or one new token).
-        kv: this layer's cache slots [0, L), the last S of which are this chunk's."""
+        kv: this layer's cache slots [0, L), the last S of which are this chunk's; or, with write_at (S,) slot
+        ids, the whole static-length cache (the mask then says which slots count)."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, S, D)
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, D)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, D)
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, S, H, D).transpose(1, 2)                                         # (B, H, S, D)
+        k = k.view(B, S, K, D).transpose(1, 2)                                         # (B, K, S, D)
+        v = v.view(B, S, K, D).transpose(1, 2)                                         # (B, K, S, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k_cache, v_cache = kv                                                      # (B, K, L, D)
-            k_cache[:, :, -S:], v_cache[:, :, -S:] = k, v
+            if write_at is None:
+                k_cache[:, :, -S:], v_cache[:, :, -S:] = k, v
+            else:
+                k_cache.index_copy_(2, write_at, k)
+                v_cache.index_copy_(2, write_at, v)
             k, v = k_cache, v_cache
         # GQA: kv head j serves query heads j*H/K .. (j+1)*H/K - 1; scale 1/sqrt(D). Without padding no mask is
         # built, as in the reference: the same SDPA call, bit-identical results (and flash kernels on GPUs)
@@ -182,8 +206,8 @@ class DecoderLayer(nn.Module):
         self.post_mlp_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+                kv: tuple[Tensor, Tensor] | None = None, write_at: Tensor | None = None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_at)
         x = x + self.post_self_attn_layernorm(h)
         h = self.mlp(self.post_attention_layernorm(x))
         return x + self.post_mlp_layernorm(h)                            # (B, S, dim)
@@ -197,17 +221,24 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, ids: Tensor, pos: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
-                start: int = 0) -> Tensor:
-        """ids (B, S) at cache slots [start, start+S), pos (3, B, S), mask (B, 1, S, start+S) bool or None
-        (causal) -> hidden (B, S, dim)."""
+    def forward(self, ids: Tensor, pos: Tensor | None, mask: Tensor | None = None, cache: KVCache | None = None,
+                start: int = 0, rope: tuple[Tensor, Tensor] | None = None,
+                write_at: Tensor | None = None) -> Tensor:
+        """ids (B, S) at cache slots [start, start+S), pos (3, B, S) or its precomputed rope (cos, sin (B, S, R)),
+        mask (B, 1, S, start+S) bool or None (causal) -> hidden (B, S, dim). With write_at (S,) slot ids the
+        cache is used at its full static length (for torch.compile) and mask covers all of it."""
         assert mask is not None or start == 0 or ids.shape[1] == 1, "a causal chunk after slot 0 needs a mask"
         x = self.embed_tokens(ids)                                       # (B, S, dim)
-        cos, sin = mrope_cos_sin(self.cfg, pos, x.dtype)                 # (B, S, R)
+        cos, sin = mrope_cos_sin(self.cfg, pos, x.dtype) if rope is None else rope  # (B, S, R)
         end = start + ids.shape[1]
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i, :, :, :end], cache.v[i, :, :, :end])  # views
-            x = layer(x, cos, sin, mask, kv)
+            if cache is None:
+                kv = None
+            elif write_at is None:
+                kv = (cache.k[i, :, :, :end], cache.v[i, :, :, :end])  # views
+            else:
+                kv = (cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, mask, kv, write_at)
         return self.norm(x)
 
 
@@ -221,6 +252,12 @@ class ARModel(nn.Module):
     def forward(self, ids: Tensor, pos: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
                 start: int = 0) -> Tensor:
         return self.lm_head(self.decoder(ids, pos, mask, cache, start))  # (B, S, V)
+
+    def fuse(self) -> "ARModel":
+        """Inference layout (fused QKV GEMMs; gate_up is fused in the checkpoint already). Call after loading."""
+        for layer in self.decoder.layers:
+            layer.self_attn.fuse_qkv()
+        return self
 
 
 # checkpoint prefix (official vision_language_encoder keys) -> our prefix
@@ -284,11 +321,12 @@ def sample_token(logits: Tensor, u: Tensor, n_codes: int, temperature: float, to
     logits = logits[:, :n_codes].float()                                # BOI/EOI/unused are never candidates
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)                 # (B, n_codes)
-    probs, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-    if top_k:                                                           # keep every token >= the k-th (ties too)
-        probs = torch.where(probs < probs[:, min(top_k, n_codes) - 1, None], 0.0, probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k and top_k < n_codes:                                       # top-k first: k values to sort, not V
+        logits, idx = torch.topk(logits, top_k, dim=-1)                 # (B, k) descending (exact ties at the
+    else:                                                               # k-th value are cut; HF keeps them)
+        logits, idx = torch.sort(logits, dim=-1, descending=True, stable=True)
+    probs = torch.softmax(logits, dim=-1)                               # renormalised over the kept tokens
     if top_p is not None and top_p < 1.0:                               # keep while the mass before it is < top_p
         keep = probs.cumsum(dim=-1) - probs < top_p
         keep[:, 0] = True                                               # and always the most likely token
@@ -319,6 +357,7 @@ class Request:
             self.key_valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
             self.key_valid[:, :S] = attention_mask.bool()
         self.cache = KVCache(cfg, B, T, weight.device, weight.dtype)
+        self.rope = mrope_cos_sin(cfg, self.pos, weight.dtype)         # cos, sin (B, T, R): once per request
 
     def prefill_mask(self) -> Tensor | None:
         """(B, 1, S, S): causal over valid keys, and a pad row sees itself so it stays finite. None: causal."""
@@ -337,44 +376,98 @@ class Request:
 def prefill(model: ARModel, req: Request, input_ids: Tensor) -> Tensor:
     """Run the prompt through the model, filling the cache. Returns the next-token logits (B, V)."""
     S = req.prompt_len
-    h = model.decoder(input_ids, req.pos[:, :, :S], req.prefill_mask(), req.cache, start=0)
+    rope = (req.rope[0][:, :S], req.rope[1][:, :S])
+    h = model.decoder(input_ids, None, req.prefill_mask(), req.cache, start=0, rope=rope)
     return model.lm_head(h[:, -1])
 
 
 def decode_step(model: ARModel, req: Request, token: Tensor, step: int) -> Tensor:
     """Feed generated token number `step` (B,); returns the logits (B, V) for the next one."""
     t = req.prompt_len + step
-    h = model.decoder(token[:, None], req.pos[:, :, t:t + 1], req.decode_mask(t), req.cache, start=t)
+    rope = (req.rope[0][:, t:t + 1], req.rope[1][:, t:t + 1])
+    h = model.decoder(token[:, None], None, req.decode_mask(t), req.cache, start=t, rope=rope)
     return model.lm_head(h[:, -1])
+
+
+def decode_step_static(model: ARModel, token: Tensor, slot: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                       cache: KVCache) -> Tensor:
+    """The same step with static shapes, for torch.compile: token (B,), slot (1,) its cache slot, cos/sin
+    (B, 1, R), mask (B, 1, 1, T) over the whole cache. Numerically equal up to the masked attention's rounding."""
+    h = model.decoder(token[:, None], None, mask, cache, rope=(cos, sin), write_at=slot)
+    return model.lm_head(h[:, -1])
+
+
+_compiled: dict[int, object] = {}
+
+
+def compiled_decode_step():
+    """torch.compile'd decode_step_static (one per process; recompiles only when shapes change)."""
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(decode_step_static, dynamic=False)
+    return _compiled["fn"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
 
 
 @torch.inference_mode()
 def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
                    target_grids: list[tuple[int, int]], *, temperature: float = 0.9, top_k: int | None = 50,
                    top_p: float | None = 0.75, seed: int | None = None,
-                   attention_mask: Tensor | None = None) -> list[Tensor]:
+                   attention_mask: Tensor | None = None, compile: bool = False,
+                   on_grid: Callable[[int, Tensor], None] | None = None,
+                   timings: dict | None = None) -> list[Tensor]:
     """Sample one (B, h, w) grid of VQ ids per target grid, in generation order (t2i: [preview, large]; i2i: [large]).
 
     input_ids (B, S): the full prompt, ending with BOI, reference VQ ids already in place (left-padded batches:
     pass attention_mask). ref_grids: (h, w) of each reference image in the prompt, in order.
     seed: a CPU generator draws one uniform per generated token up front, so a seed gives the same tokens on any
     device (up to logit rounding); None draws from torch's global CPU generator. temperature=0 is greedy.
+    compile: run the decode step through torch.compile (static shapes: the whole cache with a mask).
+    on_grid(k, grid (B, h, w)) runs as soon as target grid k is complete (t2i: the preview, before the large grid).
+    timings, if a dict, gets ar_prefill, ar_decode (seconds), ar_new_tokens and ar_decode_tokens_per_s.
     """
-    B = input_ids.shape[0]
+    B, device = input_ids.shape[0], input_ids.device
+    t0 = time.perf_counter()
     req = Request(model, input_ids, ref_grids, target_grids, attention_mask)
     gen = None if seed is None else torch.Generator().manual_seed(seed)
-    u = torch.rand(B, req.n_new, generator=gen).to(input_ids.device)   # (B, N), row b = sample b's draws
-    out = torch.empty(B, req.n_new, dtype=torch.long, device=input_ids.device)
+    u = torch.rand(B, req.n_new, generator=gen).to(device)             # (B, N), row b = sample b's draws
+    out = torch.empty(B, req.n_new, dtype=torch.long, device=device)
+    ends = [sum(h * w for h, w in target_grids[:k + 1]) for k in range(len(target_grids))]
     logits = prefill(model, req, input_ids)
+    if timings is not None:
+        _sync(device)
+        t1 = time.perf_counter()
+    if compile:
+        step_fn = compiled_decode_step()
+        slots = torch.arange(req.prompt_len + req.n_new, device=device)
+        valid = torch.ones(B, len(slots), dtype=torch.bool, device=device) if req.key_valid is None else req.key_valid
     for i in range(req.n_new):
         token = sample_token(logits, u[:, i], model.cfg.boi_id, temperature, top_k, top_p)  # (B,)
         out[:, i] = token
         if i + 1 < req.n_new:                                           # the last token is never fed back
-            logits = decode_step(model, req, token, i)
+            if compile:
+                t = req.prompt_len + i
+                mask = (valid & (slots <= t))[:, None, None, :]         # (B, 1, 1, T)
+                logits = step_fn(model, token, slots[t:t + 1], req.rope[0][:, t:t + 1], req.rope[1][:, t:t + 1],
+                                 mask, req.cache)
+            else:
+                logits = decode_step(model, req, token, i)
+        if on_grid is not None and i + 1 in ends:
+            k = ends.index(i + 1)
+            h, w = target_grids[k]
+            on_grid(k, out[:, ends[k] - h * w:ends[k]].view(B, h, w))
     grids, start = [], 0
     for h, w in target_grids:
         grids.append(out[:, start:start + h * w].view(B, h, w))
         start += h * w
+    if timings is not None:
+        _sync(device)
+        t2 = time.perf_counter()
+        timings.update(ar_prefill=t1 - t0, ar_decode=t2 - t1, ar_new_tokens=req.n_new,
+                       ar_decode_tokens_per_s=(req.n_new - 1) / max(t2 - t1, 1e-9))
     return grids
 
 

@@ -13,8 +13,9 @@ Stages, in order (each a plain call you can run alone):
 """
 from __future__ import annotations
 
-import math
 import random
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,7 @@ from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, generate_prior
 from glmimage.dit import DiT, DiTConfig
 from glmimage.glyph import GlyphEncoder
 from glmimage.prompt import PromptTokenizer
+from glmimage.quantize import quantize_int8
 from glmimage.schedule import denoise, make_schedule
 from glmimage.vae import VAE, pil_to_pixels, pixels_to_pil
 from glmimage.vision import VISION_KEY_PREFIXES, ImageTokenizer, VisionConfig, preprocess
@@ -40,6 +42,11 @@ def default_model() -> Path:
         raise ValueError("this install has no bundled model; pass a checkpoint folder or hub id, or create a random "
                          "one with `glmimage make-random DIR --preset debug`")
     return BUNDLED_MODEL
+
+
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
 
 
 def nearest_multiples(x: int, m: int) -> str:
@@ -56,69 +63,131 @@ class SamplingDefaults:
 
 
 class Pipeline:
-    def __init__(self, *, ar: ARModel, image_tokenizer: ImageTokenizer, prompt_tokenizer: PromptTokenizer,
-                 dit: DiT, glyph: GlyphEncoder, vae: VAE, scheduler_config: dict, sampling: SamplingDefaults,
-                 min_pixels: int, max_pixels: int, ar_token_px: int = 32, native_size: int = 1024):
-        self.ar = ar
-        self.image_tokenizer = image_tokenizer
-        self.prompt_tokenizer = prompt_tokenizer
-        self.dit = dit
-        self.glyph = glyph
-        self.vae = vae
-        self.scheduler_config = scheduler_config
-        self.sampling = sampling
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.ar_token_px = ar_token_px                      # pixels per AR token (official: 32)
-        self.native_size = native_size                      # default height and width (official: 1024)
-        self.dit_token_px = vae.scale * dit.cfg.patch_size  # pixels per DiT token (official: 16)
-        assert ar_token_px % self.dit_token_px == 0, (ar_token_px, self.dit_token_px)
-        self.upsample = ar_token_px // self.dit_token_px    # AR grid -> DiT grid (official: 2x nearest)
+    """The stages of GLM-Image over one checkpoint folder. Components load on first use.
 
-    # ------------------------------------------------------------------------------------------------------
+    offload=True keeps a stage resident only while it runs: on an accelerator the others wait in host memory;
+    on a CPU a finished stage is released and read again from disk (memory-mapped safetensors) when next needed.
+    """
+
+    def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, offload: bool = False,
+                 int8: bool = False):
+        self.root, self.device, self.dtype, self.offload, self.int8 = root, device, dtype, offload, int8
+        index = loading.read_json(root / "model_index.json")
+        self.vle_dir = root / "vision_language_encoder"
+        vle_cfg = loading.read_json(self.vle_dir / "config.json")
+        self.ar_cfg, self.vision_cfg = ARConfig.from_hf(vle_cfg), VisionConfig.from_hf(vle_cfg)
+        self.dit_cfg = DiTConfig.from_hf(loading.read_json(root / "transformer" / "config.json"))
+        vae_cfg = loading.read_json(root / "vae" / "config.json")
+        self.scheduler_config = loading.read_json(root / "scheduler" / "scheduler_config.json")
+        gen_file = self.vle_dir / "generation_config.json"
+        gen = loading.read_json(gen_file) if gen_file.exists() else {}
+        self.sampling = SamplingDefaults(temperature=gen.get("temperature", 1.0), top_p=gen.get("top_p", 1.0),
+                                         top_k=gen.get("top_k", 50))
+        proc = loading.read_json(root / "processor" / "preprocessor_config.json")
+        self.min_pixels = proc.get("min_pixels", 512 * 512)
+        self.max_pixels = proc.get("max_pixels", 2048 * 2048)
+        # the processor halves the image and patches it: one AR token per 2·patch_size pixels (official: 32)
+        self.ar_token_px = 2 * self.vision_cfg.patch_size
+        ours = index.get("glmimage", {})          # our own models record these; the official checkpoint has none
+        self.native_size = ours.get("native_size", 1024)                  # default height and width
+        self.preview_side = ours.get("preview_side", 16)                  # t2i preview grid ~ side x side
+        vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        self.dit_token_px = vae_scale * self.dit_cfg.patch_size           # pixels per DiT token (official: 16)
+        if self.ar_token_px % self.dit_token_px:
+            raise ValueError(f"AR tokens of {self.ar_token_px} px cannot be upsampled to DiT tokens of "
+                             f"{self.dit_token_px} px")
+        self.upsample = self.ar_token_px // self.dit_token_px             # AR grid -> DiT grid (official: 2x)
+        self.prompt_tokenizer = PromptTokenizer.from_dir(root / "processor", token_px=self.ar_token_px,
+                                                         preview_side=self.preview_side)
+        self._mods: dict[str, object] = {}
+        self.compiled = False
+
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "Pipeline":
-        """Load the official folder layout (a local folder or a hub id); None loads the bundled model."""
-        device = torch.device(device)
+                        dtype: torch.dtype = torch.float32, offload: bool = False,
+                        int8: bool = False) -> "Pipeline":
+        """Load the official folder layout (a local folder or a hub id); None loads the bundled model.
+
+        offload: keep only the running stage resident. int8: int8 weight-only linears in the AR's layers (its
+        decode is bound by reading weights; the DiT is compute-bound and stays in `dtype`)."""
         root = loading.resolve(path if path is not None else default_model())
-        index = loading.read_json(root / "model_index.json")
-        vle_dir = root / "vision_language_encoder"
-        vle_cfg = loading.read_json(vle_dir / "config.json")
-        with torch.device("meta"):
-            ar = ARModel(ARConfig.from_hf(vle_cfg))
-            image_tokenizer = ImageTokenizer(VisionConfig.from_hf(vle_cfg))
-            dit = DiT(DiTConfig.from_hf(loading.read_json(root / "transformer" / "config.json")))
-        loading.load_weights(ar, vle_dir, AR_KEY_PREFIXES, device=device, dtype=dtype,
-                             skip_prefixes=tuple(VISION_KEY_PREFIXES))
-        loading.load_weights(image_tokenizer, vle_dir, VISION_KEY_PREFIXES, device=device, dtype=dtype,
-                             skip_prefixes=tuple(AR_KEY_PREFIXES))
-        loading.load_weights(dit, root / "transformer", None, device=device, dtype=dtype)
+        pipe = cls(root, torch.device(device), dtype, offload, int8)
+        if not offload:                           # load everything now, so errors surface at once
+            for name in ("ar", "image_tokenizer", "dit", "glyph", "vae"):
+                getattr(pipe, name)
+        return pipe
 
-        gen_file = vle_dir / "generation_config.json"
-        gen = loading.read_json(gen_file) if gen_file.exists() else {}
-        sampling = SamplingDefaults(temperature=gen.get("temperature", 1.0), top_p=gen.get("top_p", 1.0),
-                                    top_k=gen.get("top_k", 50))
-        proc = loading.read_json(root / "processor" / "preprocessor_config.json")
-        return cls(
-            ar=ar.eval(), image_tokenizer=image_tokenizer.eval(), dit=dit.eval().fuse(),
-            prompt_tokenizer=PromptTokenizer.from_dir(root / "processor"),
-            glyph=GlyphEncoder.from_folder(root / "text_encoder", device=device, dtype=dtype),
-            vae=VAE.from_folder(root / "vae", device=device, dtype=dtype),
-            scheduler_config=loading.read_json(root / "scheduler" / "scheduler_config.json"),
-            sampling=sampling, min_pixels=proc.get("min_pixels", 512 * 512),
-            max_pixels=proc.get("max_pixels", 2048 * 2048),
-            # our own models record their grid factor and native size; the official checkpoint has neither
-            ar_token_px=index.get("glmimage", {}).get("ar_token_px", 32),
-            native_size=index.get("glmimage", {}).get("native_size", 1024),
-        )
+    # ------------------------------------------------------------------------------------------------------
+    # Components: built on the meta device, weights assigned straight from the files in the target dtype.
 
-    @property
-    def device(self) -> torch.device:
-        return self.ar.lm_head.weight.device
+    def _load(self, name: str, device: torch.device):
+        if name == "ar":
+            with torch.device("meta"):
+                m = ARModel(self.ar_cfg)
+            m = loading.load_weights(m, self.vle_dir, AR_KEY_PREFIXES, device=device, dtype=self.dtype,
+                                     skip_prefixes=tuple(VISION_KEY_PREFIXES))
+            m = m.eval().fuse()
+            if self.int8:                     # the decode streams these weights: 1 byte each instead of 2 or 4
+                quantize_int8(m.decoder.layers)
+            return m
+        if name == "image_tokenizer":
+            with torch.device("meta"):
+                m = ImageTokenizer(self.vision_cfg)
+            return loading.load_weights(m, self.vle_dir, VISION_KEY_PREFIXES, device=device, dtype=self.dtype,
+                                        skip_prefixes=tuple(AR_KEY_PREFIXES)).eval()
+        if name == "dit":
+            with torch.device("meta"):
+                m = DiT(self.dit_cfg)
+            m = loading.load_weights(m, self.root / "transformer", None, device=device, dtype=self.dtype)
+            m = m.eval().fuse()
+            if self.compiled:
+                for block in m.transformer_blocks:
+                    block.compile()
+            return m
+        if name == "glyph":
+            return GlyphEncoder.from_folder(self.root / "text_encoder", device=device, dtype=self.dtype).eval()
+        if name == "vae":
+            return VAE.from_folder(self.root / "vae", device=device, dtype=self.dtype)
+        raise AssertionError(name)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.ar.lm_head.weight.dtype
+    def _get(self, name: str):
+        if name not in self._mods:
+            host = self.offload and self.device.type != "cpu"
+            self._mods[name] = self._load(name, torch.device("cpu") if host else self.device)
+        return self._mods[name]
+
+    @contextmanager
+    def _stage(self, name: str, timings: dict | None = None):
+        """Run a stage: its component on the device for the duration, and its wall time recorded."""
+        m = self._get(name)
+        if self.offload and self.device.type != "cpu":
+            m.to(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield m
+        finally:
+            if timings is not None:
+                _sync(self.device)
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+            if self.offload:
+                if self.device.type == "cpu":
+                    del self._mods[name]          # released; read again from disk when next needed
+                else:
+                    m.to("cpu")
+
+    ar = property(lambda self: self._get("ar"))
+    image_tokenizer = property(lambda self: self._get("image_tokenizer"))
+    dit = property(lambda self: self._get("dit"))
+    glyph = property(lambda self: self._get("glyph"))
+    vae = property(lambda self: self._get("vae"))
+
+    def compile(self) -> "Pipeline":
+        """torch.compile the AR decode step and the DiT blocks (regional: one compiled graph reused 30x)."""
+        self.compiled = True
+        if "dit" in self._mods:
+            for block in self.dit.transformer_blocks:
+                block.compile()
+        return self
 
     # ------------------------------------------------------------------------------------------------------
     def check_size(self, height: int, width: int) -> tuple[int, int]:
@@ -143,21 +212,14 @@ class Pipeline:
         return images
 
     @torch.no_grad()
-    def encode_references(self, images: list[Image.Image]) -> list[torch.Tensor]:
+    def encode_references(self, images: list[Image.Image], timings: dict | None = None) -> list[torch.Tensor]:
         """Each reference image -> its VQ id grid [h,w] (the ViT runs once per image)."""
-        pixels = [preprocess(im, self.min_pixels, self.max_pixels).to(self.device, self.dtype) for im in images]
-        return self.image_tokenizer.encode(pixels)
+        with self._stage("image_tokenizer", timings) as tokenizer:
+            pixels = [preprocess(im, self.min_pixels, self.max_pixels, self.vision_cfg.patch_size)
+                      .to(self.device, self.dtype) for im in images]
+            return tokenizer.encode(pixels)
 
-    @torch.no_grad()
-    def prior_tokens(self, prompt: str, height: int, width: int, image=None, seed: int | None = None,
-                     temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                     ref_ids: list[torch.Tensor] | None = None,
-                     on_preview: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """The AR's large grid, LongTensor [th, tw]. temperature=0 decodes greedily."""
-        th, tw = self.check_size(height, width)
-        images = self._as_images(image)
-        if ref_ids is None:
-            ref_ids = self.encode_references(images) if images else []
+    def _sampling(self, temperature, top_p, top_k) -> tuple[float, float, int]:
         s = self.sampling
         temperature = s.temperature if temperature is None else temperature
         top_p = s.top_p if top_p is None else top_p
@@ -165,93 +227,153 @@ class Pipeline:
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 "
                              f"(got {temperature}, {top_p}, {top_k})")
+        return temperature, top_p, top_k
+
+    @torch.no_grad()
+    def prior_tokens(self, prompt: str, height: int, width: int, image=None, seed: int | None = None,
+                     temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                     ref_ids: list[torch.Tensor] | None = None,
+                     on_grid: Callable[[int, torch.Tensor], None] | None = None,
+                     timings: dict | None = None) -> torch.Tensor:
+        """The AR's large grid, LongTensor [th, tw]. temperature=0 decodes greedily.
+
+        on_grid(k, grid [h, w]) is called as soon as generated grid k is complete (t2i: 0 = preview, 1 = large)."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        self.check_size(height, width)
+        temperature, top_p, top_k = self._sampling(temperature, top_p, top_k)
+        images = self._as_images(image)
+        if ref_ids is None:
+            ref_ids = self.encode_references(images, timings) if images else []
         if ref_ids:
             req = self.prompt_tokenizer.i2i(prompt, ref_ids, height, width)
         else:
             req = self.prompt_tokenizer.t2i(prompt, height, width)
-        grids = generate_prior(self.ar, req.input_ids.to(self.device), req.ref_grids, req.target_grids,
-                               temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed if seed is not None else random.randrange(2**31))
-        if on_preview is not None and len(grids) > 1:
-            on_preview(grids[0][0])
+        with self._stage("ar", timings) as ar:
+            grids = generate_prior(ar, req.input_ids.to(self.device), req.ref_grids, req.target_grids,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   seed=seed if seed is not None else random.randrange(2**31),
+                                   compile=self.compiled, timings=timings,
+                                   on_grid=None if on_grid is None else lambda k, g: on_grid(k, g[0]))
         return grids[-1][0]                                             # [th, tw]
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: str, height: int = 1024, width: int = 1024, image=None,
+    def __call__(self, prompt: str, height: int | None = None, width: int | None = None, image=None,
                  num_inference_steps: int = 50, guidance_scale: float = 1.5, seed: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  prior_token_ids: torch.Tensor | None = None,
-                 callback: Callable[[int, int, torch.Tensor], None] | None = None) -> list[Image.Image]:
+                 callback: Callable[[int, torch.Tensor], None] | None = None,
+                 on_preview: Callable[[Image.Image], None] | None = None, preview_steps: int = 4,
+                 timings: dict | None = None) -> list[Image.Image]:
+        """prompt (+ reference images for edits) -> images. height/width default to the model's native size.
+
+        callback(step, latents) runs after every denoising step. on_preview(image) receives a low-resolution
+        preview decoded from the t2i preview grid (`preview_steps` Euler steps, no CFG) as soon as the AR has
+        written it, before the large grid exists. timings, if a dict, is filled with per-stage seconds."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        height = self.native_size if height is None else height
+        width = self.native_size if width is None else width
         th, tw = self.check_size(height, width)
         seed = seed if seed is not None else random.randrange(2**31)
         images = self._as_images(image)
-        ref_ids = self.encode_references(images) if images else []
+        ref_ids = self.encode_references(images, timings) if images else []
 
         # 1. AR prior grid [th, tw] -> DiT token grid [B, N]
         if prior_token_ids is None:
+            on_grid = None
+            if on_preview is not None:
+                def on_grid(k: int, g: torch.Tensor) -> None:
+                    if k == 0 and not ref_ids:   # the t2i preview grid: decode it small, at once
+                        ph, pw = g.shape
+                        on_preview(self.decode_grid(prompt, g, ph * self.ar_token_px, pw * self.ar_token_px,
+                                                    preview_steps, 1.0, seed)[0])
             grid = self.prior_tokens(prompt, height, width, seed=seed, temperature=temperature, top_p=top_p,
-                                     top_k=top_k, ref_ids=ref_ids)[None]
+                                     top_k=top_k, ref_ids=ref_ids, on_grid=on_grid, timings=timings)[None]
         else:
             grid = prior_token_ids if prior_token_ids.dim() == 3 else prior_token_ids[None]
             if tuple(grid.shape[1:]) != (th, tw):
                 raise ValueError(f"prior_token_ids must be [{th}, {tw}] (or [B, {th}, {tw}]) for "
                                  f"{height}x{width}, got {list(prior_token_ids.shape)}")
+            n = self.dit_cfg.prior_vq_quantizer_codebook_size
+            if int(grid.min()) < 0 or int(grid.max()) >= n:
+                raise ValueError(f"prior_token_ids must be VQ code ids in [0, {n})")
+        if timings is not None:
+            timings["grid"] = grid[0].tolist()
+        return self.decode_grid(prompt, grid, height, width, num_inference_steps, guidance_scale, seed,
+                                images=images, ref_ids=ref_ids, callback=callback, timings=timings)
+
+    @torch.no_grad()
+    def decode_grid(self, prompt: str, grid: torch.Tensor, height: int, width: int, num_inference_steps: int,
+                    guidance_scale: float, seed: int, images: list[Image.Image] = (),
+                    ref_ids: list[torch.Tensor] = (), callback=None, timings: dict | None = None) -> list[Image.Image]:
+        """The decoder half: AR grid [th, tw] or [B, th, tw] -> images, through glyph, DiT and VAE."""
+        grid = grid if grid.dim() == 3 else grid[None]
         B = grid.shape[0]
         prior = self.upsample_ids(grid.to(self.device))                                    # [B, N]
 
         # 2. glyph embeddings of the quoted text; the unconditional branch always gets ""
-        glyph = self.glyph.encode([prompt] * B)                                            # [B, T, D]
-        glyph_neg = self.glyph.encode([""] * B)                                            # [B, 1, D]
+        with self._stage("glyph", timings) as glyph_encoder:
+            glyph = glyph_encoder.encode([prompt] * B)                                      # [B, T, D]
+            glyph_neg = glyph_encoder.encode([""] * B)                                      # [B, 1, D]
 
-        # 3. reference images -> DiT KV prefix, written once at t=0, read by the conditional branch only
-        ref_kv = self.reference_kv(images, ref_ids) if images else None
-
-        # 4. flow matching from seeded fp32 noise; per-branch context and per-step conditioning computed once
-        C, s = self.dit.cfg.in_channels, self.vae.scale
+        # 3-4. the reference images' KV prefix, then flow matching from seeded fp32 noise
+        C, s = self.dit_cfg.in_channels, self.dit_token_px // self.dit_cfg.patch_size
         noise = torch.randn((B, C, height // s, width // s), generator=torch.Generator("cpu").manual_seed(seed))
         grid_hw = (height // self.dit_token_px, width // self.dit_token_px)
-        timesteps, sigmas = make_schedule(num_inference_steps, grid_hw[0] * grid_hw[1], self.scheduler_config)
-        size = torch.tensor([[height, width]] * B, dtype=torch.float32, device=self.device)
-        crop = torch.zeros(B, 2, dtype=torch.float32, device=self.device)
-        ctx_c = self.dit.context(glyph, prior, False, grid_hw)
-        ctx_u = self.dit.context(glyph_neg, prior, True, grid_hw) if guidance_scale > 1 else None
+        ref_latents = self.encode_reference_latents(images, ref_ids, timings) if len(images) else None
+        with self._stage("dit", timings) as dit:
+            ref_kv = dit.reference_kv(*ref_latents) if ref_latents is not None else None
+            latents = self._denoise(dit, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, height, width,
+                                    num_inference_steps, guidance_scale, callback)
+        if timings is not None:
+            timings["dit_per_step"] = timings["dit"] / num_inference_steps
+
+        # 5. decode
+        with self._stage("vae", timings) as vae:
+            return pixels_to_pil(vae.decode(latents))
+
+    def _denoise(self, dit: DiT, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, height, width, steps, guidance,
+                 callback):
+        B = noise.shape[0]
+        timesteps, sigmas = make_schedule(steps, grid_hw[0] * grid_hw[1], self.scheduler_config)
+        size = torch.tensor([[height, width]], dtype=torch.float32, device=self.device)
+        crop = torch.zeros(1, 2, dtype=torch.float32, device=self.device)
+        ctx_c = dit.context(glyph, prior, False, grid_hw)
+        ctx_u = dit.context(glyph_neg, prior, True, grid_hw) if guidance > 1 else None
         if ref_kv is not None:                # conditional branch only; prefix preallocated, tail written per step
             num_new = ctx_c.txt.shape[1] + grid_hw[0] * grid_hw[1]
-            ctx_c = ctx_c._replace(ref_kv=self.dit.prefix_buffers(ref_kv, B, num_new))
+            ctx_c = ctx_c._replace(ref_kv=dit.prefix_buffers(ref_kv, B, num_new))
         batch_cfg = ctx_u is not None and ref_kv is None          # t2i: both branches in one forward
-        ctx_cfg = self.dit.batch_cfg(ctx_c, ctx_u) if batch_cfg else None
+        ctx_cfg = dit.batch_cfg(ctx_c, ctx_u) if batch_cfg else None
         # every step's AdaLN vectors at once: they depend only on (t, size, crop), the same for both branches
         n = len(timesteps)
-        vec = self.dit.embed_vec(timesteps.to(self.device), size[:1].expand(n, 2), crop[:1].expand(n, 2))  # [n, E]
-        mods = self.dit.modulation(vec)
+        mods = dit.modulation(dit.embed_vec(timesteps.to(self.device), size.expand(n, 2), crop.expand(n, 2)))
 
         def velocity(x: torch.Tensor, i: int, cond: bool | None) -> torch.Tensor:
             mod = type(mods)([m[i:i + 1] for m in mods.blocks], mods.out[i:i + 1])
             ctx = ctx_cfg if cond is None else ctx_c if cond else ctx_u
-            return self.dit.velocity(x, ctx, mod=mod).float()
+            return dit.velocity(x, ctx, mod=mod).float()
 
-        latents = denoise(velocity, noise.to(self.device), timesteps, sigmas, guidance_scale, callback=callback,
-                          batch_cfg=batch_cfg)
-
-        # 5. decode
-        return pixels_to_pil(self.vae.decode(latents))
+        return denoise(velocity, noise.to(self.device), timesteps, sigmas, guidance, callback=callback,
+                       batch_cfg=batch_cfg)
 
     def upsample_ids(self, grid: torch.Tensor) -> torch.Tensor:
         """AR grid [B, th, tw] -> DiT grid ids [B, N] by nearest upsampling (official: 2x)."""
         u = self.upsample
         return grid.repeat_interleave(u, dim=1).repeat_interleave(u, dim=2).flatten(1)
 
-    def reference_kv(self, images: list[Image.Image], ref_ids: list[torch.Tensor]):
-        """Encode each reference with the VAE at its VQ grid's pixel size and write the DiT's KV prefix."""
+    @torch.no_grad()
+    def encode_reference_latents(self, images, ref_ids, timings=None):
+        """Each reference through the VAE at its VQ grid's pixel size -> (latents, prior ids, sizes) lists."""
         latents, ids, sizes = [], [], []
-        for im, g in zip(images, ref_ids):
-            h, w = g.shape[0] * self.ar_token_px, g.shape[1] * self.ar_token_px  # the processor's clamped size
-            latents.append(self.vae.encode(pil_to_pixels(im, h, w)))             # [1, C, h/8, w/8]
-            ids.append(self.upsample_ids(g[None].to(self.device)))                 # [1, N_ref]
-            sizes.append((h, w))
-        return self.dit.reference_kv(latents, ids, sizes)
+        with self._stage("vae", timings) as vae:
+            for im, g in zip(images, ref_ids):
+                h, w = g.shape[0] * self.ar_token_px, g.shape[1] * self.ar_token_px  # the processor's clamped size
+                latents.append(vae.encode(pil_to_pixels(im, h, w)))                  # [1, C, h/8, w/8]
+                ids.append(self.upsample_ids(g[None].to(self.device)))                 # [1, N_ref]
+                sizes.append((h, w))
+        return latents, ids, sizes

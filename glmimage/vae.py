@@ -30,6 +30,10 @@ class VAE:
         std = cfg.latents_std if cfg.latents_std is not None else [1.0] * cfg.latent_channels
         return cls(model, mean, std)
 
+    def to(self, device) -> "VAE":
+        self.model.to(device)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
