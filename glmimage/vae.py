@@ -1,8 +1,8 @@
 """The VAE: diffusers' AutoencoderKL (16 latent channels, 8x down) with GLM-Image's per-channel latent statistics.
 
 GLM-Image normalises latents per channel, `z = (mode(q(z|x)) - mean) / std`, and decodes `x * std + mean`;
-the config's `scaling_factor` is never used. Decoding above `tile_pixels` runs in overlapping tiles, so memory
-stays bounded at any resolution.
+the config's `scaling_factor` is never used. Decoding above `tile_pixels` runs in overlapping tiles (diffusers'
+tiled decode), so memory stays bounded at any resolution.
 """
 from __future__ import annotations
 
@@ -54,38 +54,11 @@ class VAE:
         z = latents.to(self.device, self.dtype)
         z = z * self.std.to(z) + self.mean.to(z)                                        # [B,C,h,w]
         if z.shape[-2] * z.shape[-1] * self.scale ** 2 > self.tile_pixels:
-            return self._decode_tiled(z)
+            # diffusers' tiled decode: 512 px tiles (64 latents) blended over a quarter-tile overlap
+            m = self.model
+            m.tile_sample_min_size, m.tile_latent_min_size, m.tile_overlap_factor = 512, 512 // self.scale, 0.25
+            return m.tiled_decode(z).sample
         return self.model.decode(z).sample
-
-    def _decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
-        """Decode overlapping latent tiles and blend them linearly across the overlaps."""
-        B, _, h, w = z.shape
-        s = self.scale
-        out = torch.zeros(B, 3, h * s, w * s, dtype=torch.float32, device=z.device)
-        weight = torch.zeros(1, 1, h * s, w * s, dtype=torch.float32, device=z.device)
-        step = tile - overlap
-        for y0 in range(0, max(h - overlap, 1), step):
-            for x0 in range(0, max(w - overlap, 1), step):
-                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-                ya, xa = max(y1 - tile, 0), max(x1 - tile, 0)
-                px = self.model.decode(z[:, :, ya:y1, xa:x1]).sample.float()          # [B,3,th*s,tw*s]
-                ramp_y = _ramp(y1 - ya, overlap, ya > 0, y1 < h, s).to(z.device)
-                ramp_x = _ramp(x1 - xa, overlap, xa > 0, x1 < w, s).to(z.device)
-                wgt = ramp_y[:, None] * ramp_x[None, :]                                 # [th*s, tw*s]
-                out[:, :, ya * s:y1 * s, xa * s:x1 * s] += px * wgt
-                weight[:, :, ya * s:y1 * s, xa * s:x1 * s] += wgt
-        return (out / weight).to(z.dtype)
-
-
-def _ramp(n: int, overlap: int, ramp_in: bool, ramp_out: bool, s: int) -> torch.Tensor:
-    """Blend weights along one axis of a tile of n latents: linear ramps over the overlaps, 1 elsewhere."""
-    r = torch.ones(n * s)
-    k = overlap * s
-    if ramp_in:
-        r[:k] = torch.linspace(0, 1, k + 2)[1:-1]
-    if ramp_out:
-        r[-k:] = torch.minimum(r[-k:], torch.linspace(1, 0, k + 2)[1:-1])
-    return r
 
 
 def pil_to_pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:

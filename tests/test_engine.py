@@ -1,0 +1,97 @@
+"""The fast engine keeps the numbers: fused/compiled/quantized/offloaded paths against the plain ones."""
+import numpy as np
+import pytest
+import torch
+
+from glmimage import Pipeline, loading
+from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, generate_prior
+from glmimage.quantize import Int8Linear, quantize_int8
+
+PROMPT = "a small blue square at the top left, with the word 'HI' written at the bottom, on a cream background."
+
+
+@pytest.fixture(scope="module")
+def pipe(debug_ckpt):
+    return Pipeline.from_pretrained(debug_ckpt)
+
+
+def _ar(debug_ckpt, fuse: bool) -> ARModel:
+    vle = debug_ckpt / "vision_language_encoder"
+    with torch.device("meta"):
+        m = ARModel(ARConfig.from_hf(loading.read_json(vle / "config.json")))
+    m = loading.load_weights(m, vle, AR_KEY_PREFIXES, skip_prefixes=("model.visual.", "model.vqmodel."))
+    return m.fuse() if fuse else m
+
+
+def test_fused_qkv_same_tokens_and_logits(debug_ckpt, pipe):
+    plain, fused = _ar(debug_ckpt, False), _ar(debug_ckpt, True)
+    assert not hasattr(fused.decoder.layers[0].self_attn, "q_proj")
+    req = pipe.prompt_tokenizer.t2i(PROMPT, 64, 64)
+    pos = torch.arange(req.input_ids.shape[1]).expand(3, 1, -1)
+    with torch.no_grad():
+        a, b = plain(req.input_ids, pos), fused(req.input_ids, pos)
+    assert (a - b).abs().max() < 1e-5
+    ga = generate_prior(plain, req.input_ids, [], req.target_grids, temperature=0.9, seed=3)
+    gb = generate_prior(fused, req.input_ids, [], req.target_grids, temperature=0.9, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(pipe):
+    req = pipe.prompt_tokenizer.t2i(PROMPT, 64, 64)
+    eager = generate_prior(pipe.ar, req.input_ids, [], req.target_grids, temperature=0)
+    compiled = generate_prior(pipe.ar, req.input_ids, [], req.target_grids, temperature=0, compile=True)
+    assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
+
+
+def test_int8_linear_close_to_float():
+    lin = torch.nn.Linear(128, 96)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(5, 128)
+    err = (q(x) - lin(x)).abs().max() / lin(x).abs().max()
+    assert err < 0.02
+    net = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
+    quantize_int8(net)
+    assert isinstance(net[0], Int8Linear) and isinstance(net[2], torch.nn.Linear)  # 8 < min_features
+
+
+def test_int8_pipeline_runs_and_stays_close(debug_ckpt, pipe):
+    q = Pipeline.from_pretrained(debug_ckpt, int8=True)
+    assert isinstance(q.ar.decoder.layers[0].mlp.down_proj, Int8Linear)
+    req = pipe.prompt_tokenizer.t2i(PROMPT, 64, 64)
+    pos = torch.arange(req.input_ids.shape[1]).expand(3, 1, -1)
+    with torch.no_grad():
+        a, b = pipe.ar(req.input_ids, pos), q.ar(req.input_ids, pos)
+    assert (a - b).abs().max() / a.abs().max() < 0.05
+    assert q.prior_tokens(PROMPT, 64, 64, seed=0).shape == (2, 2)
+
+
+def test_offload_gives_the_same_image(debug_ckpt, pipe):
+    off = Pipeline.from_pretrained(debug_ckpt, offload=True)
+    assert off._mods == {}
+    a = pipe(PROMPT, height=64, width=64, num_inference_steps=2, seed=5)[0]
+    b = off(PROMPT, height=64, width=64, num_inference_steps=2, seed=5)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert off._mods == {}                                   # every stage released after it ran
+
+
+def test_preview_arrives_before_the_image_and_timings(pipe):
+    seen, timings = [], {}
+    out = pipe(PROMPT, height=64, width=96, num_inference_steps=2, seed=1, timings=timings,
+               on_preview=lambda im: seen.append(im.size), callback=lambda i, x: seen.append(i))
+    ph, pw = pipe.prompt_tokenizer.t2i(PROMPT, 64, 96).target_grids[0]
+    assert seen[0] == (pw * 32, ph * 32) and seen[1:] == [0, 1]
+    assert out[0].size == (96, 64)
+    for key in ("ar_prefill", "ar_decode", "ar_decode_tokens_per_s", "glyph", "dit", "dit_per_step", "vae"):
+        assert timings[key] > 0, key
+
+
+def test_large_images_decode_in_tiles(pipe, monkeypatch):
+    vae = pipe.vae
+    z = torch.randn(1, 16, 24, 24, generator=torch.Generator().manual_seed(0))
+    calls = []
+    orig = vae.model.tiled_decode
+    monkeypatch.setattr(vae.model, "tiled_decode", lambda x: calls.append(x.shape) or orig(x))
+    monkeypatch.setattr(vae, "tile_pixels", 128 * 128)
+    out = vae.decode(z)
+    assert calls and out.shape == (1, 3, 192, 192) and torch.isfinite(out).all()
