@@ -12,6 +12,7 @@ plus peak memory (RSS on CPU, max allocated on an accelerator). The machine's ow
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -101,21 +102,24 @@ def stage_floors(pipe, floor: dict, height: int, width: int, steps: int, guidanc
 # Workers: one implementation, one fresh process, JSON out.
 
 class Timer:
-    """Wrap a callable to accumulate its wall time (synchronising the device) and count calls."""
+    """Wrap a callable to accumulate its wall time (synchronising the device) and count calls. The wrapper keeps
+    the callable's signature (transformers' generate inspects the model's forward)."""
 
     def __init__(self, fn, device):
         self.fn, self.device, self.total, self.calls, self.first = fn, device, 0.0, 0, None
 
-    def __call__(self, *a, **k):
-        sync(self.device)
-        t = time.perf_counter()
-        out = self.fn(*a, **k)
-        sync(self.device)
-        dt = time.perf_counter() - t
-        self.total += dt
-        self.calls += 1
-        self.first = dt if self.first is None else self.first
-        return out
+        @functools.wraps(fn)
+        def wrapped(*a, **k):
+            sync(self.device)
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            sync(self.device)
+            dt = time.perf_counter() - t
+            self.total += dt
+            self.calls += 1
+            self.first = dt if self.first is None else self.first
+            return out
+        self.wrapped = wrapped
 
 
 def worker_reference(args, device, dtype) -> dict:
@@ -130,8 +134,9 @@ def worker_reference(args, device, dtype) -> dict:
         timers = {"ar": Timer(vle.generate, device), "ar_forward": Timer(vle.forward, device),
                   "glyph": Timer(pipe.encode_prompt, device), "dit": Timer(dit.forward, device),
                   "vae": Timer(pipe.vae.decode, device)}
-        vle.generate, vle.forward = timers["ar"], timers["ar_forward"]
-        pipe.encode_prompt, dit.forward, pipe.vae.decode = timers["glyph"], timers["dit"], timers["vae"]
+        vle.generate, vle.forward = timers["ar"].wrapped, timers["ar_forward"].wrapped
+        pipe.encode_prompt, dit.forward = timers["glyph"].wrapped, timers["dit"].wrapped
+        pipe.vae.decode = timers["vae"].wrapped
         captured = {}
         orig_up = pipe._upsample_token_ids
 
@@ -188,7 +193,7 @@ def worker_ours(args, device, dtype) -> dict:
         run()
     image, stages = run()
     out = {"impl": f"glmimage ({dtype})", "load_s": load_s, "stages": stages, "image": image,
-           "grid": stages.pop("grid")}
+           "grid": stages.pop("grid"), **peak_memory(device)}    # before the floor probe allocates its own
     n_new = stages.get("ar_new_tokens", 0)
     floor = measure_floor(device, dtype, pipe.dit.cfg.num_attention_heads * pipe.dit.cfg.attention_head_dim,
                           (args.height // 16) * (args.width // 16))
@@ -206,7 +211,7 @@ def worker_main(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = (worker_reference if args.worker == "reference" else worker_ours)(args, device, dtype)
-    result.update(peak_memory(device))
+    result = {**peak_memory(device), **result}
     result["device"] = machine_name(device)
     out = Path(args.json_out)
     for key in ("image", "image_from_reference_tokens"):
