@@ -9,7 +9,8 @@ from glmimage.train import ar, decoder, tokenizer, vae
 from glmimage.train.common import load_stage, read_log
 from glmimage.train.presets import get_preset
 
-STAGES = {"vae": vae, "tokenizer": tokenizer, "ar": ar, "decoder": decoder}
+STAGES = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
+          "decoder": decoder.train}
 STEPS = 4
 
 
@@ -23,10 +24,10 @@ def runs(tmp_path_factory):
     logs = {}
     try:
         for name, stage in STAGES.items():
-            a = stage.train(preset, full, steps=STEPS, progress=False)
-            stage.train(preset, parts, steps=STEPS, progress=False, stop_at=2)
+            a = stage(preset, full, steps=STEPS, progress=False)
+            stage(preset, parts, steps=STEPS, progress=False, stop_at=2)
             assert len(read_log(parts / name / "log.jsonl")) == 2
-            b = stage.train(preset, parts, steps=STEPS, resume=True, progress=False)
+            b = stage(preset, parts, steps=STEPS, resume=True, progress=False)
             logs[name] = (a, b)
     finally:
         torch.set_num_threads(threads)

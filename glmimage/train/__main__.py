@@ -1,6 +1,7 @@
 """`glmimage train {vae,tokenizer,ar,decoder}` and `glmimage export`; also `python -m glmimage.train ...`.
 
     python -m glmimage.train vae --preset small --data synthetic --steps 3000 --out runs/small
+    python -m glmimage.train vae_decoder --preset small --out runs/small   # optional: decoder-only fine-tune
     python -m glmimage.train tokenizer --preset small --out runs/small
     python -m glmimage.train ar --preset small --out runs/small
     python -m glmimage.train decoder --preset small --out runs/small
@@ -15,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-STAGES = ("vae", "tokenizer", "ar", "decoder")
+STAGES = ("vae", "vae_decoder", "tokenizer", "ar", "decoder")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -47,8 +48,9 @@ def run_train(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
-    module = {"vae": vae, "tokenizer": tokenizer, "ar": ar, "decoder": decoder}[args.stage]
-    log = module.train(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
+    fn = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
+          "decoder": decoder.train}[args.stage]
+    log = fn(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
                       stop_at=args.stop_after)
     if log:
         print(f"[{args.stage}] step {log[-1]['step'] + 1}: loss {log[-1]['loss']:.4f}; log, curve and checkpoint "

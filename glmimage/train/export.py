@@ -59,6 +59,8 @@ def load_models(preset: TrainPreset, run_dir: Path) -> dict:
     from glmimage.train import ar, decoder, tokenizer
 
     vae, mean, std = decoder.load_vae(preset, run_dir)
+    if (Path(run_dir) / "vae_decoder" / "ckpt.pt").exists():       # the decoder-only fine-tune, when run
+        vae.load_state_dict(load_stage(run_dir, "vae_decoder")["models"]["vae"])
     vq = tokenizer.load_tokenizer(preset, run_dir)
     ar_ck = load_stage(run_dir, "ar")
     tok = Tokenizer.from_str(ar_ck["extra"]["text_tokenizer"])

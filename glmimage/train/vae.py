@@ -73,3 +73,42 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     mean, std = latent_stats(vae, stats_source, n)
     (Path(out) / "vae" / "stats.json").write_text(json.dumps({"latents_mean": mean, "latents_std": std}))
     return log
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1b (optional): fine-tune the VAE decoder only, with object pixels weighted up. The encoder is frozen, so the
+# latents, their statistics and everything trained on them (the decoder stage's cache) stay valid.
+
+OBJECT_WEIGHT = 10.0
+
+
+def train_decoder(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None,
+                  resume: bool = False, seed: int = 0, progress: bool = True, stop_at: int | None = None) -> list[dict]:
+    from glmimage.data.scenes import BACKGROUNDS
+    from glmimage.train.common import load_stage
+    cfg = preset.stages["vae_decoder"]
+    steps = steps or cfg.steps
+    vae = build_vae(preset, seed)
+    vae.load_state_dict(load_stage(out, "vae")["models"]["vae"])
+    vae.encoder.requires_grad_(False)
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters() if vae.post_quant_conv
+                                                       else [])
+    source = make_source(data, seed + 1, preset.image_size, word_p=0.6, unseen_p=0.3)
+
+    def step_fn(step: int, gen: torch.Generator):
+        ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)]
+        x = to_pixels([e["image"] for e in ex])                                 # [B, 3, S, S]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        weight = torch.ones_like(x[:, :1])
+        if "scene" in ex[0]:                                                    # up-weight non-background pixels
+            bg = torch.tensor([BACKGROUNDS[e["scene"].background] for e in ex], dtype=torch.float32) / 127.5 - 1
+            weight = 1 + OBJECT_WEIGHT * ((x - bg[:, :, None, None]).abs().amax(1, keepdim=True) > 0.05).float()
+        rec = vae.decode(z).sample
+        err = rec - x
+        l1 = (err.abs() * weight).mean() / weight.mean()
+        mse = (err.pow(2) * weight).mean() / weight.mean()
+        return l1 + mse, {"l1": l1.detach(), "mse": mse.detach()}
+
+    return train_loop("vae_decoder", out, {"vae": vae}, trainable, step_fn, cfg, seed, steps, resume,
+                      plot_keys=["loss", "l1", "mse"], progress=progress, stop_at=stop_at)
