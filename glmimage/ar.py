@@ -90,6 +90,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # one fused kernel (measured equal to the lines below in fp32)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # normalise in fp32, cast back, then multiply by the weight in the activation dtype (as the reference)
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
