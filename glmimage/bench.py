@@ -174,7 +174,7 @@ def worker_reference(args, device, dtype) -> dict:
 def worker_ours(args, device, dtype) -> dict:
     from glmimage.pipeline import Pipeline
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload, int8=args.int8)
     if args.compile:
         pipe.compile()
     load_s = time.perf_counter() - t0
@@ -192,7 +192,7 @@ def worker_ours(args, device, dtype) -> dict:
     for _ in range(args.warmup):
         run()
     image, stages = run()
-    out = {"impl": f"glmimage ({dtype})", "load_s": load_s, "stages": stages, "image": image,
+    out = {"impl": f"glmimage ({dtype}{', int8 AR' if args.int8 else ''})", "load_s": load_s, "stages": stages, "image": image,
            "grid": stages.pop("grid"), **peak_memory(device)}    # before the floor probe allocates its own
     n_new = stages.get("ar_new_tokens", 0)
     floor = measure_floor(device, dtype, pipe.dit.cfg.num_attention_heads * pipe.dit.cfg.attention_head_dim,
@@ -224,7 +224,7 @@ def worker_main(args) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 
-def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None) -> dict:
+def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: bool = False) -> dict:
     cmd = [sys.executable, "-m", "glmimage.bench", "--worker", worker, "--model", str(args.model),
            "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),
            "--guidance", str(args.guidance), "--seed", str(args.seed), "--device", args.device, "--dtype", dtype,
@@ -235,6 +235,8 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
         cmd += ["--compile"]
     if args.offload:
         cmd += ["--offload"]
+    if int8:
+        cmd += ["--int8"]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(json_out.read_text())
@@ -275,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="our dtype (several: comma-separated, e.g. float32,bfloat16)")
+    p.add_argument("--dtype", default="auto", help="our dtype (several: comma-separated, e.g. float32,bfloat16; "
+                                                   "'+int8' adds int8 AR weights, e.g. bfloat16+int8)")
     p.add_argument("--reference-dtype", default="float32", help="the reference's dtype ('none' skips it)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile our AR decode step and DiT blocks")
@@ -284,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
+    p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args)
@@ -302,14 +306,15 @@ def main(argv: list[str] | None = None) -> None:
         tokens = tmp / "reference_tokens.json"
         tokens.write_text(json.dumps(ref["grid"]))
         results[f"reference-{args.reference_dtype}"] = ref
-    for dt in args.dtype.split(","):
-        ours = spawn(args, "ours", dt, tmp / f"ours-{dt}.json", tokens)
-        results[f"glmimage-{dt}"] = ours
+    for variant in args.dtype.split(","):
+        dt, _, quant = variant.partition("+")
+        ours = spawn(args, "ours", dt, tmp / f"ours-{variant}.json", tokens, int8=quant == "int8")
+        results[f"glmimage-{variant}"] = ours
     report = {"config": {k: getattr(args, k) for k in ("preset", "model", "height", "width", "steps", "guidance",
                                                          "seed", "device", "warmup", "compile", "offload")},
               "prompt": PROMPT, "results": results, "comparisons": {}}
     ref_key = next((k for k in results if k.startswith("reference")), None)
-    fp32_key = next((k for k in results if k.startswith("glmimage-f") and "32" in k), None)
+    fp32_key = "glmimage-float32" if "glmimage-float32" in results else None
     for k, r in results.items():
         if not k.startswith("glmimage"):
             continue
@@ -327,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
         if fp32_key and fp32_key != k and "image_from_reference_tokens" in r:
             cmp["image_vs_our_fp32_same_tokens"] = image_diff(r["image_from_reference_tokens"],
                                                               results[fp32_key]["image_from_reference_tokens"])
+            # same seed, same uniforms: how often does this variant's AR pick our fp32 AR's token?
+            a, b = torch.tensor(r["grid"]), torch.tensor(results[fp32_key]["grid"])
+            cmp["ar_tokens_equal_to_our_fp32"] = float((a == b).float().mean())
         f = r.get("floor", {})
         if f:
             cmp["ar_decode_over_floor"] = s["ar_decode"] / f["ar_decode"] if f.get("ar_decode") else None
