@@ -30,6 +30,7 @@ from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
 PREVIEW_WEIGHT = 2.0
+OBJECT_WEIGHT = 4.0     # tokens whose code the tokenizer labels as an object or text (not background) weigh more
 CORPUS_SIZE = 4000
 CORPUS_SEED_OFFSET = 20_000
 SCENE_KWARGS = dict(paraphrase_p=0.3, word_p=0.4, chinese_p=0.3, unseen_p=0.15)
@@ -75,8 +76,23 @@ def preview_of(grid: Tensor, ph: int, pw: int) -> Tensor:
     return F.interpolate(grid[None, None].float(), size=(ph, pw), mode="nearest")[0, 0].long()
 
 
-def sequence(cfg: ARConfig, pt: PromptTokenizer, example: dict, grids: dict, size: int) -> tuple[Tensor, ...]:
-    """One example -> (ids [L], positions [3, L], targets [L] (-100 = no loss), weights [L])."""
+def code_is_object(preset: TrainPreset, run_dir: Path) -> Tensor:
+    """[n_codes] bool: the tokenizer's label head reads the code as an object or text region, not background."""
+    from glmimage.data.scenes import NUM_BACKGROUND_LABELS
+    from glmimage.train.tokenizer import Heads, post_quant
+    vq = load_tokenizer(preset, run_dir)
+    heads = Heads(vq.cfg.dim, vq.cfg.n_codes, preset.ar_token_px)
+    heads.load_state_dict(load_stage(run_dir, "tokenizer")["models"]["heads"])
+    with torch.no_grad():
+        e = F.normalize(vq.vq.quantize.embedding.weight, dim=-1)
+        return heads.label(post_quant(vq, e)).argmax(-1) >= NUM_BACKGROUND_LABELS
+
+
+def sequence(cfg: ARConfig, pt: PromptTokenizer, example: dict, grids: dict, size: int,
+             object_weight: Tensor | None = None) -> tuple[Tensor, ...]:
+    """One example -> (ids [L], positions [3, L], targets [L] (-100 = no loss), weights [L]).
+
+    object_weight: [n_codes] loss weight of each target code (None: 1)."""
     if example["kind"] == "t2i":
         prompt = pt.t2i(example["caption"], size, size)
         (ph, pw), _ = prompt.target_grids
@@ -88,6 +104,8 @@ def sequence(cfg: ARConfig, pt: PromptTokenizer, example: dict, grids: dict, siz
         gen, w = [grids["target"].flatten()], [torch.ones(grids["target"].numel())]
     ids = prompt.input_ids[0]
     gen, w = torch.cat(gen), torch.cat(w)
+    if object_weight is not None:
+        w = w * object_weight[gen]
     P = len(ids)
     seq = torch.cat([ids, gen])
     pos = sample_positions(cfg, ids.tolist(), prompt.ref_grids, prompt.target_grids)   # [3, P + N]
@@ -124,7 +142,10 @@ def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: 
 
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
-          seed: int = 0, progress: bool = True, stop_at: int | None = None) -> list[dict]:
+          seed: int = 0, progress: bool = True, stop_at: int | None = None,
+          object_weight: float = OBJECT_WEIGHT) -> list[dict]:
+    """object_weight: loss weight of object/text tokens relative to background ones (the shipped model: 1.0 for
+    the first 1000 steps, then 4.0 on --resume; see the model card)."""
     cfg = preset.stages["ar"]
     steps = steps or cfg.steps
     vq = load_tokenizer(preset, out)
@@ -138,6 +159,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
     source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
     S = preset.image_size
+    weight_of_code = 1 + (object_weight - 1) * code_is_object(preset, out).float()
 
     def step_fn(step: int, gen: torch.Generator):
         ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)]
@@ -148,7 +170,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         items = []
         for e, g in zip(ex, grids[:len(images)]):
             gd = {"image": g} if e["kind"] == "t2i" else {"target": g, "source": next(src_iter)}
-            items.append(sequence(model.cfg, pt, e, gd, S))
+            items.append(sequence(model.cfg, pt, e, gd, S, weight_of_code))
         loss, metrics = ar_loss(model, *collate(items, pt.pad_id))
         return loss, metrics
 
