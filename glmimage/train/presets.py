@@ -35,6 +35,7 @@ class TrainPreset:
     ar_token_px: int
     preview_side: int
     text_merges: int        # BPE merges of the caption tokenizer trained in the AR stage
+    rope_theta: float = 10000.0  # AR mRoPE base (official 10000)
     stages: dict[str, StageConfig] = field(default_factory=dict)
 
     @property
@@ -94,12 +95,14 @@ PRESETS: dict[str, TrainPreset] = {
             t5=dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
             vae=dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=8),
         ),
-        image_size=128, ar_token_px=16, preview_side=4, text_merges=600,
+        # rope_theta 10: with 16 rotary frequencies split t/h/w = 4/6/6, the w (column) axis gets the lowest
+        # frequencies; at base 10000 an 8-wide grid spans < 0.03 rad there and the AR cannot tell columns apart
+        image_size=128, ar_token_px=16, preview_side=4, text_merges=600, rope_theta=10.0,
         stages={
             "vae": StageConfig(batch=8, lr=1e-3, steps=1800, warmup=50, ckpt_every=100),
             "vae_decoder": StageConfig(batch=4, lr=3e-4, steps=600, warmup=50, ckpt_every=100),
             "tokenizer": StageConfig(batch=32, lr=1e-3, steps=1500, warmup=100, ckpt_every=100),
-            "ar": StageConfig(batch=16, lr=1e-3, steps=2500, warmup=100, ckpt_every=100, weight_decay=0.05),
+            "ar": StageConfig(batch=16, lr=1e-3, steps=2000, warmup=100, ckpt_every=100, weight_decay=0.05),
             "decoder": StageConfig(batch=16, lr=5e-4, steps=1800, warmup=100, ckpt_every=100),
         },
     ),
@@ -118,4 +121,5 @@ def model_configs(preset: TrainPreset, text_vocab: int) -> dict:
 
     cfgs = hf_configs(preset.model, text_vocab)
     cfgs["vision_language_encoder"]["vision_config"]["patch_size"] = preset.vision_patch
+    cfgs["vision_language_encoder"]["text_config"]["rope_parameters"]["rope_theta"] = preset.rope_theta
     return cfgs
