@@ -224,7 +224,8 @@ def worker_main(args) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 
-def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: bool = False) -> dict:
+def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: bool = False,
+          offload: bool = False) -> dict:
     cmd = [sys.executable, "-m", "glmimage.bench", "--worker", worker, "--model", str(args.model),
            "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),
            "--guidance", str(args.guidance), "--seed", str(args.seed), "--device", args.device, "--dtype", dtype,
@@ -233,7 +234,7 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
         cmd += ["--tokens", str(tokens)]
     if args.compile:
         cmd += ["--compile"]
-    if args.offload:
+    if args.offload or offload:
         cmd += ["--offload"]
     if int8:
         cmd += ["--int8"]
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="our dtype (several: comma-separated, e.g. float32,bfloat16; "
-                                                   "'+int8' adds int8 AR weights, e.g. bfloat16+int8)")
+                                                   "'+int8' adds int8 AR weights, '+offload' stage residency, e.g. "
+                                                   "float32+offload,bfloat16+int8)")
     p.add_argument("--reference-dtype", default="float32", help="the reference's dtype ('none' skips it)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile our AR decode step and DiT blocks")
@@ -307,8 +309,12 @@ def main(argv: list[str] | None = None) -> None:
         tokens.write_text(json.dumps(ref["grid"]))
         results[f"reference-{args.reference_dtype}"] = ref
     for variant in args.dtype.split(","):
-        dt, _, quant = variant.partition("+")
-        ours = spawn(args, "ours", dt, tmp / f"ours-{variant}.json", tokens, int8=quant == "int8")
+        dt, *flags = variant.split("+")
+        unknown = set(flags) - {"int8", "offload"}
+        if unknown:
+            raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, offload")
+        ours = spawn(args, "ours", dt, tmp / f"ours-{variant}.json", tokens, int8="int8" in flags,
+                     offload="offload" in flags)
         results[f"glmimage-{variant}"] = ours
     report = {"config": {k: getattr(args, k) for k in ("preset", "model", "height", "width", "steps", "guidance",
                                                          "seed", "device", "warmup", "compile", "offload")},
