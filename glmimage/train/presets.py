@@ -102,7 +102,7 @@ PRESETS: dict[str, TrainPreset] = {
             "vae": StageConfig(batch=8, lr=1e-3, steps=1800, warmup=50, ckpt_every=100),
             "vae_decoder": StageConfig(batch=4, lr=3e-4, steps=600, warmup=50, ckpt_every=100),
             "tokenizer": StageConfig(batch=32, lr=1e-3, steps=1500, warmup=100, ckpt_every=100),
-            "ar": StageConfig(batch=16, lr=1e-3, steps=2000, warmup=100, ckpt_every=100, weight_decay=0.05),
+            "ar": StageConfig(batch=16, lr=1e-3, steps=3000, warmup=100, ckpt_every=100, weight_decay=0.05),
             "decoder": StageConfig(batch=16, lr=5e-4, steps=1800, warmup=100, ckpt_every=100),
         },
     ),
