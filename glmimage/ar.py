@@ -122,6 +122,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)     # (B, H, S, D)
 
 
+def rope_tables(cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(cos, sin) (B, S, R) -> full-width tables (B, S, 1, D) and a permutation (D,) such that
+    x·cos_f + x[..., perm]·sin_f equals apply_rope on heads laid out (B, S, N, D): the same products and sums
+    on the rotary dims (−x2·s is x2·(−s) exactly), x·1 + x·0 = x on the pass-through dims. Four ops per call
+    instead of ten, and q and k rotate together in one."""
+    B, S, R = cos.shape
+    half = R // 2
+    pad = head_dim - R
+    cos_f = torch.cat([cos, cos.new_ones(B, S, pad)], dim=-1)[:, :, None]                   # (B, S, 1, D)
+    sin_f = torch.cat([-sin[..., :half], sin[..., half:], sin.new_zeros(B, S, pad)], dim=-1)[:, :, None]
+    perm = torch.cat([torch.arange(half, R), torch.arange(half), torch.arange(R, head_dim)]).to(cos.device)
+    return cos_f, sin_f, perm
+
+
+def rotate(x: Tensor, cos_f: Tensor, sin_f: Tensor, perm: Tensor) -> Tensor:
+    """x (B, S, N, D) with the tables of `rope_tables` -> rotated x (B, S, N, D)."""
+    return x * cos_f + x.index_select(-1, perm) * sin_f
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Blocks
 
@@ -156,21 +175,22 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         self.qkv_proj = qkv
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor, Tensor], mask: Tensor | None,
                 kv: tuple[Tensor, Tensor] | None = None, write_at: Tensor | None = None) -> Tensor:
-        """mask (B, 1, S, L) bool, True = attend; None = causal (a prompt from slot 0, or one new token).
-        kv: this layer's cache slots [0, L), the last S of which are this chunk's; or, with write_at (S,) slot
-        ids, the whole static-length cache (the mask then says which slots count)."""
+        """rope: `rope_tables` output. mask (B, 1, S, L) bool, True = attend; None = causal (a prompt from slot 0,
+        or one new token). kv: this layer's cache slots [0, L), the last S of which are this chunk's; or, with
+        write_at (S,) slot ids, the whole static-length cache (the mask then says which slots count)."""
         B, S, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         if hasattr(self, "qkv_proj"):
-            q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
+            qkv = self.qkv_proj(x).view(B, S, H + 2 * K, D)                            # (B, S, H+2K, D)
+            qk = rotate(qkv[:, :, :H + K], *rope)                                      # q and k in one go
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + K:]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, S, H, D).transpose(1, 2)                                         # (B, H, S, D)
-        k = k.view(B, S, K, D).transpose(1, 2)                                         # (B, K, S, D)
-        v = v.view(B, S, K, D).transpose(1, 2)                                         # (B, K, S, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = rotate(self.q_proj(x).view(B, S, H, D), *rope)                         # (B, S, H, D)
+            k = rotate(self.k_proj(x).view(B, S, K, D), *rope)                         # (B, S, K, D)
+            v = self.v_proj(x).view(B, S, K, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)             # (B, H|K, S, D)
         if kv is not None:
             k_cache, v_cache = kv                                                      # (B, K, L, D)
             if write_at is None:
@@ -207,9 +227,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.post_mlp_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor, Tensor], mask: Tensor | None,
                 kv: tuple[Tensor, Tensor] | None = None, write_at: Tensor | None = None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_at)
+        h = self.self_attn(self.input_layernorm(x), rope, mask, kv, write_at)
         x = x + self.post_self_attn_layernorm(h)
         h = self.mlp(self.post_attention_layernorm(x))
         return x + self.post_mlp_layernorm(h)                            # (B, S, dim)
@@ -232,6 +252,7 @@ class Decoder(nn.Module):
         assert mask is not None or start == 0 or ids.shape[1] == 1, "a causal chunk after slot 0 needs a mask"
         x = self.embed_tokens(ids)                                       # (B, S, dim)
         cos, sin = mrope_cos_sin(self.cfg, pos, x.dtype) if rope is None else rope  # (B, S, R)
+        tables = rope_tables(cos, sin, self.cfg.head_dim)                # built once, used by every layer
         end = start + ids.shape[1]
         for i, layer in enumerate(self.layers):
             if cache is None:
@@ -240,7 +261,7 @@ class Decoder(nn.Module):
                 kv = (cache.k[i, :, :, :end], cache.v[i, :, :, :end])  # views
             else:
                 kv = (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, mask, kv, write_at)
+            x = layer(x, tables, mask, kv, write_at)
         return self.norm(x)
 
 
