@@ -86,7 +86,8 @@ def measure_floor(device: torch.device, dtype: torch.dtype, hidden: int, n_token
 def stage_floors(pipe, floor: dict, height: int, width: int, steps: int, guidance: float, n_new: int) -> dict:
     """Lower bounds per stage on this machine: decode streams the AR weights once per token; a DiT step does its
     FLOPs (x2 with CFG) at the best matmul rate."""
-    ar_bytes = sum(p.numel() * p.element_size() for n, p in pipe.ar.named_parameters() if "embed_tokens" not in n)
+    # state_dict, not parameters: int8 weights are buffers
+    ar_bytes = sum(t.numel() * t.element_size() for n, t in pipe.ar.state_dict().items() if "embed_tokens" not in n)
     decode = ar_bytes / floor["stream_bytes_per_s"]
     cfg = pipe.dit.cfg
     inner = cfg.num_attention_heads * cfg.attention_head_dim
