@@ -107,3 +107,11 @@ def test_cli_generate(debug_ckpt, tmp_path):
     main(["generate", PROMPT, "--model", str(debug_ckpt), "--height", "64", "--width", "64", "--steps", "2",
           "-o", str(out)])
     assert Image.open(out).size == (64, 64)
+
+
+def test_bundled_model_loads_offline_by_default():
+    bundled = Pipeline.from_pretrained()
+    assert bundled.native_size == 128 and bundled.ar_token_px == 16 and bundled.upsample == 1
+    image = bundled("a large red circle in the center, on a white background.", num_inference_steps=2, seed=0)[0]
+    assert image.size == (128, 128)
+    assert np.asarray(image).std() > 1                      # not a blank canvas
