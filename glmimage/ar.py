@@ -112,21 +112,11 @@ def mrope_cos_sin(cfg: ARConfig, pos: Tensor, dtype: torch.dtype) -> tuple[Tenso
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Split-half rotary on the first R dims of x (B, H, S, D); dims R..D pass through."""
-    r = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]                                # (B, 1, S, R)
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)                               # rotate_half
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)     # (B, H, S, D)
-
-
 def rope_tables(cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """(cos, sin) (B, S, R) -> full-width tables (B, S, 1, D) and a permutation (D,) such that
-    x·cos_f + x[..., perm]·sin_f equals apply_rope on heads laid out (B, S, N, D): the same products and sums
-    on the rotary dims (−x2·s is x2·(−s) exactly), x·1 + x·0 = x on the pass-through dims. Four ops per call
-    instead of ten, and q and k rotate together in one."""
+    x·cos_f + x[..., perm]·sin_f is split-half rotary on the first R dims of heads laid out (B, S, N, D),
+    x·cos + rotate_half(x)·sin with rotate_half(x) = [−x2 | x1] (−x2·s is x2·(−s) exactly), and x·1 + x·0 = x on
+    the pass-through dims: four ops per call, q and k rotated together."""
     B, S, R = cos.shape
     half = R // 2
     pad = head_dim - R
@@ -430,7 +420,8 @@ def compiled_decode_step():
     return _compiled["fn"]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device (timings only); torch.accelerator raises on a CPU."""
     if device.type != "cpu":
         torch.accelerator.synchronize()
 
@@ -461,7 +452,7 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     ends = [sum(h * w for h, w in target_grids[:k + 1]) for k in range(len(target_grids))]
     logits = prefill(model, req, input_ids)
     if timings is not None:
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
     if compile:
         step_fn = compiled_decode_step()
@@ -487,7 +478,7 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
         grids.append(out[:, start:start + h * w].view(B, h, w))
         start += h * w
     if timings is not None:
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         timings.update(ar_prefill=t1 - t0, ar_decode=t2 - t1, ar_new_tokens=req.n_new,
                        ar_decode_tokens_per_s=(req.n_new - 1) / max(t2 - t1, 1e-9))

@@ -25,13 +25,10 @@ from pathlib import Path
 
 import torch
 
+from glmimage.ar import sync
+
 PROMPT = "a large red circle at the top left and a small blue square at the bottom right, with the word 'SUN' " \
          "written at the middle, on a white background."
-
-
-def sync(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize()
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -132,12 +129,11 @@ def worker_reference(args, device, dtype) -> dict:
     vle, dit = pipe.vision_language_encoder, pipe.transformer
 
     def run():
-        timers = {"ar": Timer(vle.generate, device), "ar_forward": Timer(vle.forward, device),
-                  "glyph": Timer(pipe.encode_prompt, device), "dit": Timer(dit.forward, device),
-                  "vae": Timer(pipe.vae.decode, device)}
-        vle.generate, vle.forward = timers["ar"].wrapped, timers["ar_forward"].wrapped
-        pipe.encode_prompt, dit.forward = timers["glyph"].wrapped, timers["dit"].wrapped
-        pipe.vae.decode = timers["vae"].wrapped
+        hooks = {"ar": (vle, "generate"), "ar_forward": (vle, "forward"), "glyph": (pipe, "encode_prompt"),
+                 "dit": (dit, "forward"), "vae": (pipe.vae, "decode")}
+        timers = {name: Timer(getattr(obj, attr), device) for name, (obj, attr) in hooks.items()}
+        for name, (obj, attr) in hooks.items():
+            setattr(obj, attr, timers[name].wrapped)
         captured = {}
         orig_up = pipe._upsample_token_ids
 
@@ -151,10 +147,8 @@ def worker_reference(args, device, dtype) -> dict:
                      guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed)).images[0]
         sync(device)
         total = time.perf_counter() - t
-        for name, tm in timers.items():          # unwrap
-            setattr(vle if name.startswith("ar") else dit if name == "dit" else pipe.vae if name == "vae" else pipe,
-                    {"ar": "generate", "ar_forward": "forward", "glyph": "encode_prompt", "dit": "forward",
-                     "vae": "decode"}[name], tm.fn)
+        for name, (obj, attr) in hooks.items():   # unwrap
+            setattr(obj, attr, timers[name].fn)
         pipe._upsample_token_ids = orig_up
         n_new = timers["ar_forward"].calls
         prefill = timers["ar_forward"].first

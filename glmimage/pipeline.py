@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from glmimage import loading
-from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, generate_prior
+from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, generate_prior, sync
 from glmimage.dit import DiT, DiTConfig
 from glmimage.glyph import GlyphEncoder
 from glmimage.prompt import PromptTokenizer
@@ -42,11 +42,6 @@ def default_model() -> Path:
         raise ValueError("this install has no bundled model; pass a checkpoint folder or hub id, or create a random "
                          "one with `glmimage make-random DIR --preset debug`")
     return BUNDLED_MODEL
-
-
-def _sync(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize()
 
 
 def nearest_multiples(x: int, m: int) -> str:
@@ -167,7 +162,7 @@ class Pipeline:
             yield m
         finally:
             if timings is not None:
-                _sync(self.device)
+                sync(self.device)
                 timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
             if self.offload:
                 if self.device.type == "cpu":
