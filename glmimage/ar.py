@@ -429,7 +429,7 @@ def sync(device: torch.device) -> None:
 @torch.inference_mode()
 def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
                    target_grids: list[tuple[int, int]], *, temperature: float = 0.9, top_k: int | None = 50,
-                   top_p: float | None = 0.75, seed: int | None = None,
+                   top_p: float | None = 0.75, seed: int | list[int] | None = None,
                    attention_mask: Tensor | None = None, compile: bool = False,
                    on_grid: Callable[[int, Tensor], None] | None = None,
                    timings: dict | None = None) -> list[Tensor]:
@@ -438,7 +438,8 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     input_ids (B, S): the full prompt, ending with BOI, reference VQ ids already in place (left-padded batches:
     pass attention_mask). ref_grids: (h, w) of each reference image in the prompt, in order.
     seed: a CPU generator draws one uniform per generated token up front, so a seed gives the same tokens on any
-    device (up to logit rounding); None draws from torch's global CPU generator. temperature=0 is greedy.
+    device (up to logit rounding); a list gives row b its own generator (seed[b]: row b then samples what it would
+    alone with that seed); None draws from torch's global CPU generator. temperature=0 is greedy.
     compile: run the decode step through torch.compile (static shapes: the whole cache with a mask).
     on_grid(k, grid (B, h, w)) runs as soon as target grid k is complete (t2i: the preview, before the large grid).
     timings, if a dict, gets ar_prefill, ar_decode (seconds), ar_new_tokens and ar_decode_tokens_per_s.
@@ -446,8 +447,13 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     B, device = input_ids.shape[0], input_ids.device
     t0 = time.perf_counter()
     req = Request(model, input_ids, ref_grids, target_grids, attention_mask)
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
-    u = torch.rand(B, req.n_new, generator=gen).to(device)             # (B, N), row b = sample b's draws
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != B:
+            raise ValueError(f"seed: need one per prompt ({B}), got {len(seed)}")
+        u = torch.cat([torch.rand(1, req.n_new, generator=torch.Generator().manual_seed(s)) for s in seed])
+    else:
+        u = torch.rand(B, req.n_new, generator=None if seed is None else torch.Generator().manual_seed(seed))
+    u = u.to(device)                                                    # (B, N), row b = sample b's draws
     out = torch.empty(B, req.n_new, dtype=torch.long, device=device)
     ends = [sum(h * w for h, w in target_grids[:k + 1]) for k in range(len(target_grids))]
     logits = prefill(model, req, input_ids)

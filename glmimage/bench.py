@@ -7,6 +7,7 @@ plus peak memory (RSS on CPU, max allocated on an accelerator). The machine's ow
 
     glmimage bench --preset medium                     # random checkpoint with the official depths, CPU fp32
     glmimage bench --preset medium --dtype bfloat16    # ours in bf16 vs the reference's best CPU setting (fp32)
+    glmimage bench --preset medium --dtype bfloat16+batch4   # throughput: 4 prompts in one call
     glmimage bench --preset full --device cuda --height 1024 --width 1024 --steps 50
 """
 from __future__ import annotations
@@ -174,20 +175,25 @@ def worker_ours(args, device, dtype) -> dict:
         pipe.compile()
     load_s = time.perf_counter() - t0
 
-    def run(prior=None):
+    def run(prior=None, batch=args.batch):
         timings: dict = {}
         sync(device)
         t = time.perf_counter()
-        image = pipe(PROMPT, height=args.height, width=args.width, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, seed=args.seed, prior_token_ids=prior, timings=timings)[0]
+        image = pipe(PROMPT if batch == 1 else [PROMPT] * batch, height=args.height, width=args.width,
+                     num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                     prior_token_ids=prior, timings=timings)[0]
         sync(device)
         timings["total"] = time.perf_counter() - t
+        if batch > 1:                                # one batch of `batch` images (seeds seed..seed+batch-1)
+            timings["grid"] = timings["grid"][0]
+            timings["s_per_image"] = timings["total"] / batch
         return image, timings
 
     for _ in range(args.warmup):
         run()
     image, stages = min((run() for _ in range(args.repeat)), key=lambda r: r[1]["total"])
-    out = {"impl": f"glmimage ({dtype}{', int8 AR' if args.int8 else ''})", "load_s": load_s, "stages": stages, "image": image,
+    impl = f"glmimage ({dtype}{', int8 AR' if args.int8 else ''}{f', batch of {args.batch}' if args.batch > 1 else ''})"
+    out = {"impl": impl, "load_s": load_s, "stages": stages, "image": image, "batch": args.batch,
            "grid": stages.pop("grid"), **peak_memory(device)}    # before the floor probe allocates its own
     n_new = stages.get("ar_new_tokens", 0)
     floor = measure_floor(device, dtype, pipe.dit.cfg.num_attention_heads * pipe.dit.cfg.attention_head_dim,
@@ -195,7 +201,7 @@ def worker_ours(args, device, dtype) -> dict:
     out["floor"] = {**floor, **stage_floors(pipe, floor, args.height, args.width, args.steps, args.guidance, n_new)}
     if args.tokens:                                  # the reference's tokens, decoded by us: image parity
         grid = torch.tensor(json.loads(Path(args.tokens).read_text()))
-        out["image_from_reference_tokens"], _ = run(grid)
+        out["image_from_reference_tokens"], _ = run(grid, batch=1)
     return out
 
 
@@ -220,7 +226,7 @@ def worker_main(args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: bool = False,
-          offload: bool = False) -> dict:
+          offload: bool = False, batch: int = 1) -> dict:
     cmd = [sys.executable, "-m", "glmimage.bench", "--worker", worker, "--model", str(args.model),
            "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),
            "--guidance", str(args.guidance), "--seed", str(args.seed), "--device", args.device, "--dtype", dtype,
@@ -233,6 +239,8 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
         cmd += ["--offload"]
     if int8:
         cmd += ["--int8"]
+    if batch > 1:
+        cmd += ["--batch", str(batch)]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(json_out.read_text())
@@ -248,7 +256,8 @@ def image_diff(a: str, b: str) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["ar_prefill", "ar_decode", "ar_decode_tokens_per_s", "glyph", "dit", "dit_per_step", "vae", "total"]
+    rows = ["ar_prefill", "ar_decode", "ar_decode_tokens_per_s", "glyph", "dit", "dit_per_step", "vae", "total",
+            "s_per_image"]
     names = list(results)
     lines = [f"{'stage':<24}" + "".join(f"{n:>22}" for n in names)]
     for r in rows:
@@ -274,8 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="our dtype (several: comma-separated, e.g. float32,bfloat16; "
-                                                   "'+int8' adds int8 AR weights, '+offload' stage residency, e.g. "
-                                                   "float32+offload,bfloat16+int8)")
+                                                   "'+int8' adds int8 AR weights, '+offload' stage residency, "
+                                                   "'+batchN' N prompts in one call (throughput), e.g. "
+                                                   "float32+offload,bfloat16+int8,bfloat16+batch4)")
     p.add_argument("--reference-dtype", default="float32", help="the reference's dtype ('none' skips it)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=2, help="measured runs per implementation; the fastest is kept "
@@ -287,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
     p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args)
@@ -307,11 +318,12 @@ def main(argv: list[str] | None = None) -> None:
         results[f"reference-{args.reference_dtype}"] = ref
     for variant in args.dtype.split(","):
         dt, *flags = variant.split("+")
-        unknown = set(flags) - {"int8", "offload"}
+        batch = [int(f[5:]) for f in flags if f.startswith("batch") and f[5:].isdigit() and int(f[5:]) > 0]
+        unknown = set(flags) - {"int8", "offload"} - {f"batch{b}" for b in batch}
         if unknown:
-            raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, offload")
+            raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, offload, batchN (N >= 1)")
         ours = spawn(args, "ours", dt, tmp / f"ours-{variant}.json", tokens, int8="int8" in flags,
-                     offload="offload" in flags)
+                     offload="offload" in flags, batch=batch[0] if batch else 1)
         results[f"glmimage-{variant}"] = ours
     report = {"config": {k: getattr(args, k) for k in ("preset", "model", "height", "width", "steps", "guidance",
                                                          "seed", "device", "warmup", "repeat", "compile",
@@ -327,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         if ref_key:
             rs = results[ref_key]["stages"]
             cmp["speedup_end_to_end"] = rs["total"] / s["total"]
+            if r.get("batch", 1) > 1:                # the reference makes one image per call
+                cmp["throughput_vs_reference"] = rs["total"] / s["s_per_image"]
             cmp["speedup_ar_decode"] = s["ar_decode_tokens_per_s"] / rs["ar_decode_tokens_per_s"]
             cmp["speedup_dit"] = rs["dit"] / s["dit"]
             cmp["peak_rss_ratio"] = r["peak_rss_gb"] / results[ref_key]["peak_rss_gb"]

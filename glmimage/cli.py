@@ -3,6 +3,7 @@
 
     glmimage make-random /tmp/glm-debug --preset debug
     glmimage generate "a red circle with the word 'SUN'" --model /tmp/glm-debug --height 256 --width 256 -o out.png
+    glmimage generate "a red circle" "a blue square" -o out.png     # one batch: out-0.png, out-1.png
     glmimage edit "make the red circle blue" --image in.png --model /tmp/glm-debug -o out.png
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,10 +44,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, npu, mps, ...")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 elsewhere), float32, bfloat16")
     p.add_argument("--offload", action="store_true", help="keep only the running stage resident (less memory)")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only linears in the AR (faster decode)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="+", help="one or more prompts (several run as one batch; text-to-image)")
     p.add_argument("--height", type=int, default=None, help="multiple of 32 (default: the model's native size)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=50)
@@ -62,7 +65,7 @@ def load_pipeline(args):
     from glmimage.pipeline import Pipeline
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    return Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    return Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload, int8=args.int8)
 
 
 def cmd_generate(args, images=None) -> None:
@@ -72,11 +75,16 @@ def cmd_generate(args, images=None) -> None:
     width = args.width or pipe.native_size
     t0 = time.perf_counter()
     refs = [Image.open(p).convert("RGB") for p in images] if images else None
-    out = pipe(args.prompt, height=height, width=width, image=refs, num_inference_steps=args.steps,
+    prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+    out = pipe(prompt, height=height, width=width, image=refs, num_inference_steps=args.steps,
                guidance_scale=args.guidance, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
                top_k=args.top_k)
-    out[0].save(args.output)
-    print(f"wrote {args.output} ({width}x{height}, {time.perf_counter() - t0:.1f} s on {pipe.device})")
+    path = Path(args.output)
+    paths = [path] if len(out) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(out))]
+    for im, p in zip(out, paths):
+        im.save(p)
+    print(f"wrote {', '.join(map(str, paths))} ({width}x{height}, seed {args.seed}+i, "
+          f"{time.perf_counter() - t0:.1f} s on {pipe.device})")
 
 
 def cmd_make_random(args) -> None:

@@ -116,6 +116,17 @@ def unpatchify(x: Tensor, h: int, w: int, p: int) -> Tensor:
     return x.reshape(B, -1, h * p, w * p)
 
 
+def text_key_mask(txt_len: Tensor | None, T: int, N: int, L: int = 0) -> Tensor | None:
+    """Key mask [B, 1, 1, L+T+N] bool (True = attend) over [reference prefix | text | image] keys that hides each
+    sample's right-padded text rows (txt_len [B] valid rows of T). None when nothing is padded: no mask, as in
+    the reference, so an unpadded batch runs the same SDPA call as a single prompt."""
+    if txt_len is None or bool((txt_len == T).all()):
+        return None
+    B = txt_len.shape[0]
+    txt = torch.arange(T, device=txt_len.device)[None] < txt_len[:, None]  # [B, T]
+    return torch.cat([txt.new_ones(B, L), txt, txt.new_ones(B, N)], dim=1)[:, None, None]
+
+
 def concat_kv(kvs: list[list[KV]]) -> list[KV]:
     """Join several references' per-layer K/V along the sequence (several reference images for one sample)."""
     return [(torch.cat([kv[i][0] for kv in kvs], dim=1), torch.cat([kv[i][1] for kv in kvs], dim=1))
@@ -220,8 +231,8 @@ class Attention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         # q: [B, S, nh, hd]; k, v: [B, S_kv, nh, hd] (S_kv = L + S with a reference prefix).
-        # mask [B, 1, 1, S_kv] bool (True = attend) only in batched CFG, to hide the unconditional text padding;
-        # the reference never masks.
+        # mask [B, 1, 1, S_kv] bool (True = attend) only where a batch pads its text (text_key_mask); the
+        # reference never masks.
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask)  # [B, nh, S, hd]
         return self.to_out[0](o.transpose(1, 2).flatten(2))  # [B, S, D]
@@ -284,7 +295,8 @@ class Context(NamedTuple):
     prior: Tensor  # [B, N, D] projected prior embedding ([1, 1, D] when dropped: the constant bias path)
     rope: tuple[Tensor, Tensor]  # cos, sin [N, hd] fp32
     ref_kv: list[KV] | None  # per layer (k, v) [1 or B, L, nh, hd], prepended to the keys/values; None: no prefix
-    mask: Tensor | None = None  # [B, 1, 1, T+N] bool key mask (batched CFG with padded text only)
+    mask: Tensor | None = None  # [B, 1, 1, L+T+N] bool key mask (text_key_mask), only where text is padded
+    txt_len: Tensor | None = None  # [B] valid text rows (right-padded); None: all T
 
 
 class StepModulation(NamedTuple):
@@ -321,15 +333,18 @@ class DiT(nn.Module):
         return self.time_condition_embed(timestep, target_size, crop)
 
     def context(self, glyph: Tensor, prior_ids: Tensor, prior_drop: bool, grid: tuple[int, int],
-                ref_kv: list[KV] | None = None) -> Context:
-        """glyph [B, T, text_embed_dim], prior_ids [B, N] long on the h×w `grid` -> Context (reusable per step)."""
+                ref_kv: list[KV] | None = None, txt_len: Tensor | None = None) -> Context:
+        """glyph [B, T, text_embed_dim] (txt_len [B]: valid rows of each, right-padded; None: all), prior_ids
+        [B, N] long on the h×w `grid` -> Context (reusable per step)."""
         txt = self.glyph_projector(glyph)  # [B, T, D]
         if prior_drop:  # zero embedding; the projector still adds W2·silu(b1) + b2 to every token
             prior = self.prior_projector(txt.new_zeros(1, 1, self.cfg.dim))  # [1, 1, D]
         else:
             prior = self.prior_projector(self.prior_token_embedding(prior_ids))  # [B, N, D]
         rope = rope_table(*grid, self.cfg.attention_head_dim, glyph.device)
-        return Context(txt, prior, rope, ref_kv)
+        L = 0 if ref_kv is None else ref_kv[0][0].shape[1]
+        mask = text_key_mask(txt_len, txt.shape[1], grid[0] * grid[1], L)
+        return Context(txt, prior, rope, ref_kv, mask, txt_len)
 
     def modulation(self, vec: Tensor) -> StepModulation:
         """vec [M, E] -> every AdaLN vector for those M rows. Depends only on (t, size, crop): the schedule's
@@ -355,7 +370,7 @@ class DiT(nn.Module):
     def batch_cfg(cond: Context, uncond: Context) -> Context:
         """Both CFG branches as one batch [cond; uncond] (t2i: neither has a reference prefix).
 
-        The shorter glyph sequence is right-padded with zero rows that a key mask hides, so each half computes
+        The shorter glyph sequences are right-padded with zero rows that a key mask hides, so each row computes
         exactly what its own forward would; with equal lengths (prompts without quotes) there is no mask."""
         assert cond.ref_kv is None and uncond.ref_kv is None, "batched CFG is for branches without a prefix"
         B, N, D = cond.txt.shape[0], cond.prior.shape[1], cond.txt.shape[2]
@@ -364,11 +379,12 @@ class DiT(nn.Module):
         txt = cond.txt.new_zeros(2 * B, T, D)
         txt[:B, :Tc], txt[B:, :Tu] = cond.txt, uncond.txt
         prior = torch.cat([cond.prior.expand(B, N, D), uncond.prior.expand(B, N, D)])  # [2B, N, D]
-        mask = None
-        if Tc != Tu:
-            mask = torch.ones(2 * B, 1, 1, T + N, dtype=torch.bool, device=txt.device)
-            mask[:B, ..., Tc:T], mask[B:, ..., Tu:T] = False, False
-        return Context(txt, prior, cond.rope, None, mask)
+
+        def lengths(ctx: Context, n: int) -> Tensor:
+            return ctx.txt_len if ctx.txt_len is not None else torch.full((B,), n, device=txt.device)
+
+        txt_len = torch.cat([lengths(cond, Tc), lengths(uncond, Tu)])  # [2B]
+        return Context(txt, prior, cond.rope, None, text_key_mask(txt_len, T, N), txt_len)
 
     def prefix_buffers(self, ref_kv: list[KV], batch: int, num_new: int) -> list[KV]:
         """Preallocate per layer [B, L+num_new, nh, hd] K/V buffers holding the reference prefix in their first

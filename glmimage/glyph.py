@@ -65,8 +65,10 @@ class GlyphEncoder(nn.Module):
         hidden = self.t5(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [n_texts, S, D]
         return hidden[mask.bool()]  # [ΣLi, D]
 
-    def encode(self, prompts: list[str]) -> Tensor:
-        """Prompts -> [B, T, D] in the encoder's dtype; shorter sequences left-padded with zero vectors."""
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Prompts -> glyph [B, T, D] in the encoder's dtype, right-padded with zero vectors, and lengths [B] long
+        (the valid rows of each; `DiT.context(..., txt_len=lengths)` hides the padding from attention)."""
         seqs = [self.encode_one(p) for p in prompts]
         T = max(s.shape[0] for s in seqs)
-        return torch.stack([torch.cat([s.new_zeros(T - s.shape[0], s.shape[1]), s]) for s in seqs])
+        glyph = torch.stack([torch.cat([s, s.new_zeros(T - s.shape[0], s.shape[1])]) for s in seqs])
+        return glyph, torch.tensor([s.shape[0] for s in seqs], device=glyph.device)

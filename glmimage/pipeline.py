@@ -27,7 +27,7 @@ from glmimage import loading
 from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, generate_prior, sync
 from glmimage.dit import DiT, DiTConfig
 from glmimage.glyph import GlyphEncoder
-from glmimage.prompt import PromptTokenizer
+from glmimage.prompt import PromptTokenizer, collate
 from glmimage.quantize import quantize_int8
 from glmimage.schedule import denoise, make_schedule
 from glmimage.vae import VAE, pil_to_pixels, pixels_to_pil
@@ -224,38 +224,66 @@ class Pipeline:
                              f"(got {temperature}, {top_p}, {top_k})")
         return temperature, top_p, top_k
 
+    @staticmethod
+    def _prompts(prompt) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r:.80}")
+        return list(prompts)
+
+    @staticmethod
+    def _seeds(seed, n: int) -> list[int]:
+        """One seed per image: an int s gives s, s+1, ..., s+n-1 (image b of a batch = that prompt alone with
+        seed s+b); a list is taken as is; None draws a random base seed."""
+        if seed is None:
+            seed = random.randrange(2**31)
+        if isinstance(seed, int):
+            return [seed + b for b in range(n)]
+        if not isinstance(seed, (list, tuple)) or len(seed) != n or not all(isinstance(x, int) for x in seed):
+            raise ValueError(f"seed must be an int or a list of {n} ints (one per image), got {seed!r:.80}")
+        return list(seed)
+
     @torch.no_grad()
-    def prior_tokens(self, prompt: str, height: int, width: int, image=None, seed: int | None = None,
-                     temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+    def prior_tokens(self, prompt: str | list[str], height: int, width: int, image=None,
+                     seed: int | list[int] | None = None, temperature: float | None = None,
+                     top_p: float | None = None, top_k: int | None = None,
                      ref_ids: list[torch.Tensor] | None = None,
                      on_grid: Callable[[int, torch.Tensor], None] | None = None,
                      timings: dict | None = None) -> torch.Tensor:
-        """The AR's large grid, LongTensor [th, tw]. temperature=0 decodes greedily.
+        """The AR's large grid: LongTensor [th, tw] for a str prompt, [B, th, tw] for a list of B prompts (one
+        left-padded batch; row b is what prompt b gives alone with seed[b]). temperature=0 decodes greedily.
 
-        on_grid(k, grid [h, w]) is called as soon as generated grid k is complete (t2i: 0 = preview, 1 = large)."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        on_grid(k, grid) is called as soon as generated grid k is complete (t2i: 0 = preview, 1 = large), with
+        [h, w] for a str prompt and [B, h, w] for a list."""
+        prompts = self._prompts(prompt)
+        B = len(prompts)
         self.check_size(height, width)
         temperature, top_p, top_k = self._sampling(temperature, top_p, top_k)
+        seeds = self._seeds(seed, B)
         images = self._as_images(image)
+        if (images or ref_ids) and B > 1:
+            raise ValueError("a list of prompts is for text-to-image; edit with one prompt at a time")
         if ref_ids is None:
             ref_ids = self.encode_references(images, timings) if images else []
         if ref_ids:
-            req = self.prompt_tokenizer.i2i(prompt, ref_ids, height, width)
+            reqs = [self.prompt_tokenizer.i2i(prompts[0], ref_ids, height, width)]
         else:
-            req = self.prompt_tokenizer.t2i(prompt, height, width)
+            reqs = [self.prompt_tokenizer.t2i(p, height, width) for p in prompts]
+        input_ids, mask = collate(reqs, self.ar_cfg.pad_id)                          # left-padded (B, S)
+        single = isinstance(prompt, str)
         with self._stage("ar", timings) as ar:
-            grids = generate_prior(ar, req.input_ids.to(self.device), req.ref_grids, req.target_grids,
-                                   temperature=temperature, top_k=top_k, top_p=top_p,
-                                   seed=seed if seed is not None else random.randrange(2**31),
+            grids = generate_prior(ar, input_ids.to(self.device), reqs[0].ref_grids, reqs[0].target_grids,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds,
+                                   attention_mask=mask.to(self.device) if B > 1 else None,
                                    compile=self.compiled, timings=timings,
-                                   on_grid=None if on_grid is None else lambda k, g: on_grid(k, g[0]))
-        return grids[-1][0]                                             # [th, tw]
+                                   on_grid=None if on_grid is None else
+                                   lambda k, g: on_grid(k, g[0] if single else g))
+        return grids[-1][0] if single else grids[-1]                    # [th, tw] or [B, th, tw]
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: str, height: int | None = None, width: int | None = None, image=None,
-                 num_inference_steps: int = 50, guidance_scale: float = 1.5, seed: int | None = None,
+    def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None, image=None,
+                 num_inference_steps: int = 50, guidance_scale: float = 1.5, seed: int | list[int] | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  prior_token_ids: torch.Tensor | None = None,
                  callback: Callable[[int, torch.Tensor], None] | None = None,
@@ -263,67 +291,82 @@ class Pipeline:
                  timings: dict | None = None) -> list[Image.Image]:
         """prompt (+ reference images for edits) -> images. height/width default to the model's native size.
 
-        callback(step, latents) runs after every denoising step. on_preview(image) receives a low-resolution
-        preview decoded from the t2i preview grid (`preview_steps` Euler steps, no CFG) as soon as the AR has
-        written it, before the large grid exists. timings, if a dict, is filled with per-stage seconds."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        A list of prompts runs as one batch through every stage (text-to-image) and returns one image per
+        prompt; seed s gives image b the seed s+b, so each image equals that prompt generated alone with it
+        (or pass one seed per prompt). callback(step, latents) runs after every denoising step. on_preview(image)
+        receives a low-resolution preview decoded from the t2i preview grid (`preview_steps` Euler steps, no
+        CFG) as soon as the AR has written it, before the large grid exists (once per image, in order).
+        timings, if a dict, is filled with per-stage seconds."""
+        prompts = self._prompts(prompt)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         th, tw = self.check_size(height, width)
-        seed = seed if seed is not None else random.randrange(2**31)
         images = self._as_images(image)
+        if images and len(prompts) > 1:
+            raise ValueError("a list of prompts is for text-to-image; edit with one prompt at a time")
         ref_ids = self.encode_references(images, timings) if images else []
 
-        # 1. AR prior grid [th, tw] -> DiT token grid [B, N]
+        # 1. AR prior grids [B, th, tw]
         if prior_token_ids is None:
+            seeds = self._seeds(seed, len(prompts))
             on_grid = None
             if on_preview is not None:
                 def on_grid(k: int, g: torch.Tensor) -> None:
-                    if k == 0 and not ref_ids:   # the t2i preview grid: decode it small, at once
-                        ph, pw = g.shape
-                        on_preview(self.decode_grid(prompt, g, ph * self.ar_token_px, pw * self.ar_token_px,
-                                                    preview_steps, 1.0, seed)[0])
-            grid = self.prior_tokens(prompt, height, width, seed=seed, temperature=temperature, top_p=top_p,
-                                     top_k=top_k, ref_ids=ref_ids, on_grid=on_grid, timings=timings)[None]
+                    if k == 0 and not ref_ids:   # the t2i preview grids: decode them small, at once
+                        ph, pw = g.shape[1:]
+                        for im in self.decode_grid(prompts, g, ph * self.ar_token_px, pw * self.ar_token_px,
+                                                   preview_steps, 1.0, seeds):
+                            on_preview(im)
+            grid = self.prior_tokens(prompts, height, width, seed=seeds, temperature=temperature, top_p=top_p,
+                                     top_k=top_k, ref_ids=ref_ids, on_grid=on_grid, timings=timings)
         else:
             grid = prior_token_ids if prior_token_ids.dim() == 3 else prior_token_ids[None]
             if tuple(grid.shape[1:]) != (th, tw):
                 raise ValueError(f"prior_token_ids must be [{th}, {tw}] (or [B, {th}, {tw}]) for "
                                  f"{height}x{width}, got {list(prior_token_ids.shape)}")
+            if len(prompts) not in (1, grid.shape[0]):
+                raise ValueError(f"{len(prompts)} prompts but prior_token_ids for {grid.shape[0]} images")
             n = self.dit_cfg.prior_vq_quantizer_codebook_size
             if int(grid.min()) < 0 or int(grid.max()) >= n:
                 raise ValueError(f"prior_token_ids must be VQ code ids in [0, {n})")
+            prompts = prompts * (grid.shape[0] // len(prompts))
+            seeds = self._seeds(seed, len(prompts))
         if timings is not None:
-            timings["grid"] = grid[0].tolist()
-        return self.decode_grid(prompt, grid, height, width, num_inference_steps, guidance_scale, seed,
+            timings["grid"] = grid[0].tolist() if isinstance(prompt, str) else grid.tolist()
+        return self.decode_grid(prompts, grid, height, width, num_inference_steps, guidance_scale, seeds,
                                 images=images, ref_ids=ref_ids, callback=callback, timings=timings)
 
     @torch.no_grad()
-    def decode_grid(self, prompt: str, grid: torch.Tensor, height: int, width: int, num_inference_steps: int,
-                    guidance_scale: float, seed: int, images: list[Image.Image] = (),
-                    ref_ids: list[torch.Tensor] = (), callback=None, timings: dict | None = None) -> list[Image.Image]:
-        """The decoder half: AR grid [th, tw] or [B, th, tw] -> images, through glyph, DiT and VAE."""
+    def decode_grid(self, prompt: str | list[str], grid: torch.Tensor, height: int, width: int,
+                    num_inference_steps: int, guidance_scale: float, seed: int | list[int],
+                    images: list[Image.Image] = (), ref_ids: list[torch.Tensor] = (), callback=None,
+                    timings: dict | None = None) -> list[Image.Image]:
+        """The decoder half: AR grid [th, tw] or [B, th, tw] -> B images, through glyph, DiT and VAE. prompt: one
+        for all, or one per image; seed: an int (image b gets seed + b) or one per image (its noise's seed)."""
         grid = grid if grid.dim() == 3 else grid[None]
         B = grid.shape[0]
+        prompts = self._prompts(prompt)
+        prompts = prompts * B if len(prompts) == 1 else prompts
+        assert len(prompts) == B, (len(prompts), B)
         prior = self.upsample_ids(grid.to(self.device))                                    # [B, N]
 
         # 2. glyph embeddings of the quoted text; the unconditional branch always gets ""
         with self._stage("glyph", timings) as glyph_encoder:
-            glyph = glyph_encoder.encode([prompt] * B)                                      # [B, T, D]
-            glyph_neg = glyph_encoder.encode([""] * B)                                      # [B, 1, D]
+            glyph, glyph_len = glyph_encoder.encode(prompts)                                # [B, T, D], [B]
+            glyph_neg, _ = glyph_encoder.encode([""] * B)                                   # [B, 1, D]
 
-        # 3-4. the reference images' KV prefix, then flow matching from seeded fp32 noise
+        # 3-4. the reference images' KV prefix, then flow matching from seeded fp32 noise (one generator per image)
         C, s = self.dit_cfg.in_channels, self.dit_token_px // self.dit_cfg.patch_size
-        noise = torch.randn((B, C, height // s, width // s), generator=torch.Generator("cpu").manual_seed(seed))
+        noise = torch.cat([torch.randn((1, C, height // s, width // s), generator=torch.Generator("cpu").manual_seed(x))
+                           for x in self._seeds(seed, B)])                                 # [B, C, h, w]
         grid_hw = (height // self.dit_token_px, width // self.dit_token_px)
         ref_latents = self.encode_reference_latents(images, ref_ids, timings) if len(images) else None
         with self._stage("dit", timings) as dit:
             ref_kv = dit.reference_kv(*ref_latents) if ref_latents is not None else None
-            latents = self._denoise(dit, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, height, width,
-                                    num_inference_steps, guidance_scale, callback)
+            latents = self._denoise(dit, noise, (glyph, glyph_len), glyph_neg, prior, ref_kv, grid_hw, height,
+                                    width, num_inference_steps, guidance_scale, callback)
         if timings is not None:
             timings["dit_per_step"] = timings["dit"] / num_inference_steps
 
@@ -337,7 +380,8 @@ class Pipeline:
         timesteps, sigmas = make_schedule(steps, grid_hw[0] * grid_hw[1], self.scheduler_config)
         size = torch.tensor([[height, width]], dtype=torch.float32, device=self.device)
         crop = torch.zeros(1, 2, dtype=torch.float32, device=self.device)
-        ctx_c = dit.context(glyph, prior, False, grid_hw)
+        glyph, glyph_len = glyph
+        ctx_c = dit.context(glyph, prior, False, grid_hw, txt_len=glyph_len)
         ctx_u = dit.context(glyph_neg, prior, True, grid_hw) if guidance > 1 else None
         if ref_kv is not None:                # conditional branch only; prefix preallocated, tail written per step
             num_new = ctx_c.txt.shape[1] + grid_hw[0] * grid_hw[1]

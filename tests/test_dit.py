@@ -212,11 +212,14 @@ def test_glyph_embeddings_match_reference():
     enc = GlyphEncoder(t5)
     for prompts in (GLYPH_PROMPTS, [GLYPH_PROMPTS[3]], [""]):
         want = GlmImagePipeline._get_glyph_embeds(stub, prompts, 2048, torch.device("cpu"), torch.float32)
-        got = enc.encode(prompts)
+        got, lengths = enc.encode(prompts)
         assert got.shape == want.shape
-        assert (got - want).abs().max() <= 1e-5
-    assert enc.encode([""]).shape == (1, 1, 32)  # the CFG-negative branch: one </s> token
-    assert enc.encode([GLYPH_PROMPTS[3]]).shape[1] == (1 + 5 + 1) + (1 + 6 + 1)  # pad + bytes + </s> per text
+        T = want.shape[1]
+        for b, n in enumerate(lengths.tolist()):  # the reference left-pads a batch (unmasked); we right-pad + mask
+            assert (got[b, :n] - want[b, T - n:]).abs().max() <= 1e-5
+            assert not got[b, n:].any() and not want[b, :T - n].any()
+    assert enc.encode([""])[0].shape == (1, 1, 32)  # the CFG-negative branch: one </s> token
+    assert enc.encode([GLYPH_PROMPTS[3]])[0].shape[1] == (1 + 5 + 1) + (1 + 6 + 1)  # pad + bytes + </s> per text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,7 +320,7 @@ def test_debug_checkpoint_folders(debug_ckpt):
     ref = GlmImageTransformer2DModel.from_pretrained(debug_ckpt / "transformer").eval()
     x, _, ids, t, size, crop = inputs(B=1, H=8, W=8, T=1, seed=7)
     glyph_enc = GlyphEncoder.from_folder(debug_ckpt / "text_encoder", dtype=torch.float32)
-    glyph = glyph_enc.encode(['a "SALE" sign'])
+    glyph, _ = glyph_enc.encode(['a "SALE" sign'])
     assert glyph.shape == (1, 5, 32)  # one text: 4 bytes + </s>
     ids = ids % cfg.prior_vq_quantizer_codebook_size
     want = ref_forward(ref, x, glyph.to(ref.dtype), ids, False, t, size, crop)

@@ -95,3 +95,24 @@ def test_large_images_decode_in_tiles(pipe, monkeypatch):
     monkeypatch.setattr(vae, "tile_pixels", 128 * 128)
     out = vae.decode(z)
     assert calls and out.shape == (1, 3, 192, 192) and torch.isfinite(out).all()
+
+
+def test_bench_runs_both_sides_and_reports(debug_ckpt, tmp_path):
+    """`glmimage bench` end to end on the debug checkpoint: reference + two of our variants, each in its own
+    process; the report has per-stage timings, floors, comparisons, and our image from the reference's tokens
+    matches the reference's image."""
+    import json
+
+    from glmimage.bench import main
+    out = tmp_path / "bench.json"
+    main(["--model", str(debug_ckpt), "--height", "64", "--width", "64", "--steps", "2", "--warmup", "0",
+          "--repeat", "1", "--device", "cpu", "--dtype", "float32,float32+batch2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"reference-float32", "glmimage-float32", "glmimage-float32+batch2"}
+    for r in report["results"].values():
+        assert r["stages"]["total"] > 0 and r["stages"]["ar_decode_tokens_per_s"] > 0 and r["peak_rss_gb"] > 0
+    ours, batch = report["comparisons"]["glmimage-float32"], report["comparisons"]["glmimage-float32+batch2"]
+    assert ours["image_vs_reference_same_tokens"]["max_abs"] <= 2
+    assert ours["speedup_end_to_end"] > 0 and ours["dit_over_floor"] > 0
+    assert batch["throughput_vs_reference"] > 0
+    assert report["results"]["glmimage-float32+batch2"]["stages"]["s_per_image"] > 0

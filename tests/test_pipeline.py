@@ -76,6 +76,33 @@ def test_same_seed_same_image_and_seed_matters(pipe):
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
+def test_batch_of_prompts_equals_each_prompt_alone(pipe):
+    # different prompt lengths (left-padded AR batch) and glyph lengths (masked text keys in the DiT)
+    prompts = [PROMPT, "a small blue square", "a sign that says 'OPEN 24 HOURS' in green"]
+    timings = {}
+    batch = pipe(prompts, height=64, width=64, num_inference_steps=3, seed=5, timings=timings)
+    assert len(batch) == 3 and len(timings["grid"]) == 3
+    for b, p in enumerate(prompts):
+        t = {}
+        alone = pipe(p, height=64, width=64, num_inference_steps=3, seed=5 + b, timings=t)[0]
+        assert t["grid"] == timings["grid"][b]                                  # same AR tokens
+        diff = np.abs(np.asarray(alone, np.int16) - np.asarray(batch[b], np.int16)).max()
+        assert diff <= 1, (b, diff)
+    grids = pipe.prior_tokens(prompts, 64, 64, seed=[7, 8, 9])
+    assert grids.shape == (3, 2, 2) and torch.equal(grids[1], pipe.prior_tokens(prompts[1], 64, 64, seed=8))
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(prompt=[]), "non-empty list"), (dict(prompt=["a", 3]), "list of str"),
+    (dict(prompt=["a", "b"], seed=[1]), "list of 2 ints"),
+    (dict(prompt=["a", "b"], image=Image.new("RGB", (64, 64))), "one prompt at a time"),
+    (dict(prompt=["a", "b"], prior_token_ids=torch.zeros(3, 2, 2, dtype=torch.long)), "2 prompts"),
+])
+def test_bad_batches_raise(pipe, kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        pipe(height=64, width=64, num_inference_steps=1, **kwargs)
+
+
 def test_greedy_prior_is_deterministic_and_full(pipe):
     g1 = pipe.prior_tokens(PROMPT, height=64, width=96, temperature=0, seed=1)
     g2 = pipe.prior_tokens(PROMPT, height=64, width=96, temperature=0, seed=2)
@@ -107,6 +134,9 @@ def test_cli_generate(debug_ckpt, tmp_path):
     main(["generate", PROMPT, "--model", str(debug_ckpt), "--height", "64", "--width", "64", "--steps", "2",
           "-o", str(out)])
     assert Image.open(out).size == (64, 64)
+    main(["generate", PROMPT, "a blue square", "--model", str(debug_ckpt), "--height", "64", "--width", "64",
+          "--steps", "2", "-o", str(out)])                                      # one batch, one file per prompt
+    assert Image.open(tmp_path / "x-0.png").size == Image.open(tmp_path / "x-1.png").size == (64, 64)
 
 
 def test_bundled_model_loads_offline_by_default():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from glmimage.dit import Context, DiT, DiTConfig, rope_table
+from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
 from glmimage.train.common import atomic_save, load_stage, train_loop
@@ -118,7 +118,7 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
     target = noise - x0
     size_t = torch.tensor([[size, size]] * B, dtype=torch.float32)
     vec = dit.embed_vec(s * 1000 - 1, size_t, torch.zeros(B, 2))               # [B, E]
-    glyph = glyph_enc.encode(texts)                                             # [B, T, Dt] (frozen)
+    glyph, txt_len = glyph_enc.encode(texts)                                    # [B, T, Dt] (frozen), [B]
     txt = dit.glyph_projector(glyph)
     prior = dit.prior_projector(dit.prior_token_embedding(ids))                 # [B, N, D]
     empty = dit.prior_projector(txt.new_zeros(1, 1, dit.cfg.dim))               # the dropped prior
@@ -136,8 +136,10 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
             src = torch.stack([cache["src_latents"][idx[b]] for b in group]).float()
             src_ids = torch.stack([cache["src_ids"][idx[b]] for b in group])
             ref_kv = dit.reference_kv([src], [src_ids], [(size, size)])
-        ctx = Context(txt[g], prior[g], rope, ref_kv)
-        v = v.index_put((g,), dit.velocity(xt[g], ctx, vec[g]))
+        L = 0 if ref_kv is None else ref_kv[0][0].shape[1]
+        mask = text_key_mask(txt_len[g], txt.shape[1], grid[0] * grid[1], L)    # hide each text's padding
+        ctx = Context(txt[g], prior[g], rope, ref_kv, mask, txt_len[g])
+        v = v.index_put((g,), dit.velocity(xt[g], ctx, vec[g]).float())
     loss = F.mse_loss(v, target)
     return loss, {"edit_frac": len(with_ref) / B}
 
