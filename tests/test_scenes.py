@@ -365,6 +365,26 @@ def test_evaluate_writes_report_and_contact_sheet(tmp_path):
     assert sheet.width > 128 and sheet.height >= 128
 
 
+def test_oracle_tokens_eval_decodes_ground_truth_ids(tmp_path, monkeypatch):
+    """--oracle-tokens: the AR never runs; the decoder gets the tokenizer's ids of the ground-truth render."""
+    from glmimage.pipeline import Pipeline
+    from glmimage.train import evaluate as TE
+
+    seen = []
+    real_call = Pipeline.__call__
+
+    def spy(self, prompt, *a, prior_token_ids=None, **k):
+        seen.append(prior_token_ids)
+        return real_call(self, prompt, *a, prior_token_ids=prior_token_ids, **k)
+
+    monkeypatch.setattr(Pipeline, "__call__", spy)
+    monkeypatch.setattr(Pipeline, "prior_tokens", lambda *a, **k: pytest.fail("the AR ran"))
+    TE.main(["--n", "2", "--steps", "1", "--oracle-tokens", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [x["category"] for x in report["samples"]] == ["single", "multi"]            # no edits in this mode
+    assert len(seen) == 3 and all(g is not None and g.shape == (8, 8) for g in seen)  # timing run + 2 prompts
+
+
 # ----------------------------------------------------------------------------------------------------
 # Real data readers
 

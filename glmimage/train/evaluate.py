@@ -1,6 +1,10 @@
 """Score an exported model with glmimage.eval_scenes and draw a sample grid for the model card.
 
     python -m glmimage.train.evaluate --model glmimage/assets/model --n 50 --out /tmp/eval --steps 20
+    python -m glmimage.train.evaluate --model glmimage/assets/model --n 50 --out /tmp/oracle --oracle-tokens
+
+--oracle-tokens replaces the AR by the image tokenizer's ids of a ground-truth render of each prompt: the score
+is then the decoder's (+ VAE's) ceiling, which separates what the AR gets wrong from what the decoder does.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def load(model: str | None, steps: int, guidance: float):
+def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = False):
+    from glmimage.eval_scenes import ground_truth_generate_fn
     from glmimage.pipeline import Pipeline
     pipe = Pipeline.from_pretrained(model)
     index = json.loads((Path(model or pipe_default()) / "model_index.json").read_text()).get("glmimage", {})
@@ -35,8 +40,12 @@ def load(model: str | None, steps: int, guidance: float):
     pt.token_px, pt.preview_side = index.get("ar_token_px", 32), index.get("preview_side", 16)
     size = index.get("native_size", 1024)
 
+    render_truth = ground_truth_generate_fn(size)
+
     def generate(prompt: str, seed: int) -> Image.Image:
-        return pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, seed=seed)[0]
+        prior = pipe.encode_references([render_truth(prompt, seed)])[0] if oracle_tokens else None
+        return pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                    prior_token_ids=prior)[0]
 
     def edit(instruction: str, source: Image.Image, seed: int) -> Image.Image:
         return pipe(instruction, height=size, width=size, image=source, num_inference_steps=steps,
@@ -70,17 +79,20 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--grid", default=None, help="also write a sample grid PNG here")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--oracle-tokens", action="store_true",
+                    help="decode the tokenizer's ids of a ground-truth render instead of the AR's (text-to-image only)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from glmimage.eval_scenes import evaluate
-    pipe, generate, edit, size = load(args.model, args.steps, args.guidance)
+    pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens)
     t = time.perf_counter()
     generate(SAMPLE_PROMPTS[0], 0)
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
     if args.grid:
         sample_grid(generate, size, Path(args.grid))
-    report = evaluate(generate, args.n, args.seed, args.out, size=size, edit_fn=edit, n_edit=args.n_edit)
+    report = evaluate(generate, args.n, args.seed, args.out, size=size, edit_fn=None if args.oracle_tokens else edit,
+                      n_edit=args.n_edit)
     print(json.dumps(report["scores"], indent=1))
 
 
