@@ -57,18 +57,22 @@ def machine_name(device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The floor: what this machine can do at best, measured, and what it implies per stage.
 
-def measure_floor(device: torch.device, dtype: torch.dtype, hidden: int, n_tokens: int) -> dict:
-    """Best matmul rate at the DiT's shapes and best weight-streaming bandwidth (a GEMV over a big matrix)."""
-    def best(fn, reps=5):
+def best_time(fn, device: torch.device, reps: int = 5) -> float:
+    fn()
+    sync(device)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
         fn()
         sync(device)
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            ts.append(time.perf_counter() - t)
-        return min(ts)
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def measure_floor(device: torch.device, dtype: torch.dtype, hidden: int, n_tokens: int) -> dict:
+    """Best matmul rate at the DiT's shapes and best weight-streaming bandwidth (a GEMV over a big matrix)."""
+    def best(fn):
+        return best_time(fn, device)
 
     a = torch.randn(n_tokens, hidden, device=device, dtype=dtype)
     w = torch.randn(4 * hidden, hidden, device=device, dtype=dtype)
@@ -79,6 +83,19 @@ def measure_floor(device: torch.device, dtype: torch.dtype, hidden: int, n_token
     x = torch.randn(1, hidden, device=device, dtype=dtype)
     bandwidth = big.numel() * big.element_size() / best(lambda: x @ big.T)
     return {"matmul_flops": matmul, "stream_bytes_per_s": bandwidth}
+
+
+@torch.inference_mode()
+def time_ar_linears(ar: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
+    """One decode token's worth of the AR's own linear layers (every layer's, int8 ones included, and lm_head)
+    at batch 1, best of 5: the decode's cost with this library's GEMV kernels and nothing else. The rest of a
+    decode step (norms, rotary, attention, sampling, Python) is the measured step minus this."""
+    from glmimage.quantize import Int8Linear
+    mods = [m for m in ar.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    xs = [torch.randn(1, 1, m.in_features, device=device, dtype=dtype) for m in mods]
+    nbytes = sum(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in mods)
+    s = best_time(lambda: [m(x) for m, x in zip(mods, xs)], device)
+    return {"ar_linears_s_per_token": s, "ar_linears_bytes_per_s": nbytes / s}
 
 
 def stage_floors(pipe, floor: dict, height: int, width: int, steps: int, guidance: float, n_new: int) -> dict:
@@ -198,7 +215,8 @@ def worker_ours(args, device, dtype) -> dict:
     n_new = stages.get("ar_new_tokens", 0)
     floor = measure_floor(device, dtype, pipe.dit.cfg.num_attention_heads * pipe.dit.cfg.attention_head_dim,
                           (args.height // 16) * (args.width // 16))
-    out["floor"] = {**floor, **stage_floors(pipe, floor, args.height, args.width, args.steps, args.guidance, n_new)}
+    out["floor"] = {**floor, **stage_floors(pipe, floor, args.height, args.width, args.steps, args.guidance, n_new),
+                    **time_ar_linears(pipe.ar, device, dtype)}
     if args.tokens:                                  # the reference's tokens, decoded by us: image parity
         grid = torch.tensor(json.loads(Path(args.tokens).read_text()))
         out["image_from_reference_tokens"], _ = run(grid, batch=1)
@@ -356,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
         f = r.get("floor", {})
         if f:
             cmp["ar_decode_over_floor"] = s["ar_decode"] / f["ar_decode"] if f.get("ar_decode") else None
+            if f.get("ar_linears_s_per_token") and s.get("ar_decode_tokens_per_s"):
+                # the share of a decode step spent in the linear layers (the rest: everything else per token)
+                cmp["ar_decode_linears_share"] = f["ar_linears_s_per_token"] * s["ar_decode_tokens_per_s"]
             cmp["dit_over_floor"] = s["dit"] / f["dit"]
         report["comparisons"][k] = cmp
     out = Path(args.out or f"benchmarks/results/{args.preset}-{'-'.join(args.dtype.split(','))}.json")
