@@ -79,9 +79,12 @@ def test_same_seed_same_image_and_seed_matters(pipe):
 def test_batch_of_prompts_equals_each_prompt_alone(pipe):
     # different prompt lengths (left-padded AR batch) and glyph lengths (masked text keys in the DiT)
     prompts = [PROMPT, "a small blue square", "a sign that says 'OPEN 24 HOURS' in green"]
-    timings = {}
-    batch = pipe(prompts, height=64, width=64, num_inference_steps=3, seed=5, timings=timings)
+    timings, previews = {}, []
+    batch = pipe(prompts, height=64, width=64, num_inference_steps=3, seed=5, timings=timings,
+                 on_preview=previews.append)
     assert len(batch) == 3 and len(timings["grid"]) == 3
+    ph, pw = pipe.prompt_tokenizer.t2i(PROMPT, 64, 64).target_grids[0]
+    assert [p.size for p in previews] == [(pw * 32, ph * 32)] * 3                     # one preview per image
     for b, p in enumerate(prompts):
         t = {}
         alone = pipe(p, height=64, width=64, num_inference_steps=3, seed=5 + b, timings=t)[0]
