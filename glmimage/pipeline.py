@@ -356,6 +356,7 @@ class Pipeline:
         with self._stage("glyph", timings) as glyph_encoder:
             glyph, glyph_len = glyph_encoder.encode(prompts)                                # [B, T, D], [B]
             glyph_neg, _ = glyph_encoder.encode([""] * B)                                   # [B, 1, D]
+        del glyph_encoder             # with offload this was the last reference: the encoder is freed here
 
         # 3-4. the reference images' KV prefix, then flow matching from seeded fp32 noise (one generator per image)
         C, s = self.dit_cfg.in_channels, self.dit_token_px // self.dit_cfg.patch_size
@@ -367,6 +368,7 @@ class Pipeline:
             ref_kv = dit.reference_kv(*ref_latents) if ref_latents is not None else None
             latents = self._denoise(dit, noise, (glyph, glyph_len), glyph_neg, prior, ref_kv, grid_hw, height,
                                     width, num_inference_steps, guidance_scale, callback)
+        del dit, ref_kv               # with offload the DiT is freed before the VAE loads (not held through it)
         if timings is not None:
             timings["dit_per_step"] = timings["dit"] / num_inference_steps
 
