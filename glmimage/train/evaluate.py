@@ -35,10 +35,7 @@ def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = F
     from glmimage.eval_scenes import ground_truth_generate_fn
     from glmimage.pipeline import Pipeline
     pipe = Pipeline.from_pretrained(model)
-    index = json.loads((Path(model or pipe_default()) / "model_index.json").read_text()).get("glmimage", {})
-    pt = pipe.prompt_tokenizer                       # until the pipeline passes these from model_index.json
-    pt.token_px, pt.preview_side = index.get("ar_token_px", 32), index.get("preview_side", 16)
-    size = index.get("native_size", 1024)
+    size = pipe.native_size                          # model_index.json's "glmimage" entry, as are the grid factors
 
     render_truth = ground_truth_generate_fn(size)
 
@@ -52,11 +49,6 @@ def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = F
                     guidance_scale=guidance, seed=seed)[0]
 
     return pipe, generate, edit, size
-
-
-def pipe_default() -> Path:
-    from glmimage.pipeline import default_model
-    return default_model()
 
 
 def sample_grid(generate, size: int, path: Path, seeds=(0, 1)) -> None:
