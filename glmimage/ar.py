@@ -90,11 +90,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:  # one fused kernel (measured equal to the lines below in fp32)
+        if x.dtype == torch.float32:  # one fused kernel (measured equal to x·rsqrt(mean(x²) + eps)·w in fp32)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # normalise in fp32, cast back, then multiply by the weight in the activation dtype (as the reference)
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def mrope_cos_sin(cfg: ARConfig, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -122,7 +121,8 @@ def rope_tables(cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, Tensor
     pad = head_dim - R
     cos_f = torch.cat([cos, cos.new_ones(B, S, pad)], dim=-1)[:, :, None]                   # (B, S, 1, D)
     sin_f = torch.cat([-sin[..., :half], sin[..., half:], sin.new_zeros(B, S, pad)], dim=-1)[:, :, None]
-    perm = torch.cat([torch.arange(half, R), torch.arange(half), torch.arange(R, head_dim)]).to(cos.device)
+    i = torch.arange(head_dim, device=cos.device)          # built on the device: no host copy inside a decode step
+    perm = torch.where(i < half, i + half, torch.where(i < R, i - half, i))     # [half..R) [0..half) [R..D)
     return cos_f, sin_f, perm
 
 
@@ -191,8 +191,14 @@ class Attention(nn.Module):
             k, v = k_cache, v_cache
         # GQA: kv head j serves query heads j*H/K .. (j+1)*H/K - 1; scale 1/sqrt(D). Without padding no mask is
         # built, as in the reference: the same SDPA call, bit-identical results (and flash kernels on GPUs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
-                                           enable_gqa=True)                            # (B, H, S, D)
+        if write_at is not None and S == 1:
+            # static decode: kv head j's H/K query heads are H/K query rows against its keys, so no backend has to
+            # expand K/V to H heads (the masked GQA call falls back to the math kernel, which copies them)
+            y = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), k, v, attn_mask=mask)  # (B, K, H/K, D)
+            y = y.reshape(B, H, 1, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                                               enable_gqa=True)                        # (B, H, S, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))                        # (B, S, dim)
 
 
@@ -402,22 +408,58 @@ def decode_step(model: ARModel, req: Request, token: Tensor, step: int) -> Tenso
     return model.lm_head(h[:, -1])
 
 
-def decode_step_static(model: ARModel, token: Tensor, slot: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                       cache: KVCache) -> Tensor:
-    """The same step with static shapes, for torch.compile: token (B,), slot (1,) its cache slot, cos/sin
-    (B, 1, R), mask (B, 1, 1, T) over the whole cache. Numerically equal up to the masked attention's rounding."""
-    h = model.decoder(token[:, None], None, mask, cache, rope=(cos, sin), write_at=slot)
-    return model.lm_head(h[:, -1])
+class StaticDecode:
+    """The decode loop's body on fixed buffers, for torch.compile and CUDA graphs. `step()` feeds generated token
+    i (read from out[:, i]; i lives in a device tensor), writes its K/V at its cache slot, attends over the whole
+    static-length cache under a mask, samples token i+1 into out[:, i+1] and advances i: device work only, the
+    same shapes every call, so one call (or one graph replay) per token and no host sync."""
+
+    def __init__(self, model: ARModel, req: Request, u: Tensor, out: Tensor, temperature: float,
+                 top_k: int | None, top_p: float | None):
+        B, T, dev = out.shape[0], req.prompt_len + req.n_new, out.device
+        self.model, self.req, self.u, self.out = model, req, u, out
+        self.sampling = (temperature, top_k, top_p)
+        self.i = torch.zeros(1, dtype=torch.long, device=dev)           # (1,) index of the token being fed
+        self.slots = torch.arange(T, device=dev)                          # (T,)
+        self.valid = torch.ones(B, T, dtype=torch.bool, device=dev) if req.key_valid is None else req.key_valid
+
+    def step(self) -> None:
+        t = self.i + self.req.prompt_len                                  # (1,) the fed token's cache slot
+        token = self.out.index_select(1, self.i)                          # (B, 1)
+        rope = (self.req.rope[0].index_select(1, t), self.req.rope[1].index_select(1, t))  # (B, 1, R) each
+        mask = (self.valid & (self.slots <= t))[:, None, None, :]          # (B, 1, 1, T)
+        h = self.model.decoder(token, None, mask, self.req.cache, rope=rope, write_at=t)  # (B, 1, dim)
+        logits = self.model.lm_head(h[:, -1])                             # (B, V)
+        u = self.u.index_select(1, self.i + 1)[:, 0]                      # (B,)
+        nxt = sample_token(logits, u, self.model.cfg.boi_id, *self.sampling)
+        self.out.index_copy_(1, self.i + 1, nxt[:, None])
+        self.i.add_(1)
 
 
-_compiled: dict[int, object] = {}
+_compiled: dict[str, object] = {}
 
 
-def compiled_decode_step():
-    """torch.compile'd decode_step_static (one per process; recompiles only when shapes change)."""
+def compiled_step(static: StaticDecode):
+    """torch.compile'd StaticDecode.step (one compiled function per process; recompiles only on new shapes)."""
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(decode_step_static, dynamic=False)
-    return _compiled["fn"]
+        _compiled["fn"] = torch.compile(StaticDecode.step, dynamic=False)
+    return lambda: _compiled["fn"](static)
+
+
+def capture_graph(fn: Callable[[], None]) -> Callable[[], None]:
+    """Capture `fn` (device work only) into a CUDA graph and return its replay. `fn` runs once first, eagerly on a
+    side stream (lazy initialisations cannot happen inside a capture); the caller resets whatever that run
+    advanced. One replay launches the whole decode step: ~900 kernels for the official AR, a launch each in
+    eager mode, which otherwise leaves the GPU waiting on Python."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def sync(device: torch.device) -> None:
@@ -430,7 +472,7 @@ def sync(device: torch.device) -> None:
 def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
                    target_grids: list[tuple[int, int]], *, temperature: float = 0.9, top_k: int | None = 50,
                    top_p: float | None = 0.75, seed: int | list[int] | None = None,
-                   attention_mask: Tensor | None = None, compile: bool = False,
+                   attention_mask: Tensor | None = None, compile: bool = False, cuda_graph: bool = False,
                    on_grid: Callable[[int, Tensor], None] | None = None,
                    timings: dict | None = None) -> list[Tensor]:
     """Sample one (B, h, w) grid of VQ ids per target grid, in generation order (t2i: [preview, large]; i2i: [large]).
@@ -441,6 +483,8 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     device (up to logit rounding); a list gives row b its own generator (seed[b]: row b then samples what it would
     alone with that seed); None draws from torch's global CPU generator. temperature=0 is greedy.
     compile: run the decode step through torch.compile (static shapes: the whole cache with a mask).
+    cuda_graph: run the decode step on static buffers (`StaticDecode`), captured as one CUDA graph replayed per
+    token on a CUDA device (elsewhere the same step runs eagerly: the work the graph holds, testable anywhere).
     on_grid(k, grid (B, h, w)) runs as soon as target grid k is complete (t2i: the preview, before the large grid).
     timings, if a dict, gets ar_prefill, ar_decode (seconds), ar_new_tokens and ar_decode_tokens_per_s.
     """
@@ -457,28 +501,30 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     out = torch.empty(B, req.n_new, dtype=torch.long, device=device)
     ends = [sum(h * w for h, w in target_grids[:k + 1]) for k in range(len(target_grids))]
     logits = prefill(model, req, input_ids)
+    out[:, 0] = sample_token(logits, u[:, 0], model.cfg.boi_id, temperature, top_k, top_p)
     if timings is not None:
         sync(device)
         t1 = time.perf_counter()
-    if compile:
-        step_fn = compiled_decode_step()
-        slots = torch.arange(req.prompt_len + req.n_new, device=device)
-        valid = torch.ones(B, len(slots), dtype=torch.bool, device=device) if req.key_valid is None else req.key_valid
-    for i in range(req.n_new):
-        token = sample_token(logits, u[:, i], model.cfg.boi_id, temperature, top_k, top_p)  # (B,)
-        out[:, i] = token
-        if i + 1 < req.n_new:                                           # the last token is never fed back
-            if compile:
-                t = req.prompt_len + i
-                mask = (valid & (slots <= t))[:, None, None, :]         # (B, 1, 1, T)
-                logits = step_fn(model, token, slots[t:t + 1], req.rope[0][:, t:t + 1], req.rope[1][:, t:t + 1],
-                                 mask, req.cache)
-            else:
-                logits = decode_step(model, req, token, i)
-        if on_grid is not None and i + 1 in ends:
-            k = ends.index(i + 1)
+    step = None
+    if compile or cuda_graph:
+        static = StaticDecode(model, req, u, out, temperature, top_k, top_p)
+        step = compiled_step(static) if compile else static.step
+        if cuda_graph and device.type == "cuda" and req.n_new > 1:
+            # the warm-up run fed token 0 and wrote token 1; rewind i (the replays rewrite the same slots)
+            step = capture_graph(step)
+            static.i.zero_()
+    for i in range(1, req.n_new + 1):
+        if on_grid is not None and i in ends:                           # tokens [0, i) are written
+            k = ends.index(i)
             h, w = target_grids[k]
-            on_grid(k, out[:, ends[k] - h * w:ends[k]].view(B, h, w))
+            on_grid(k, out[:, i - h * w:i].view(B, h, w))
+        if i == req.n_new:                                              # the last token is never fed back
+            break
+        if step is not None:
+            step()                                                      # feeds token i-1, writes token i
+        else:
+            logits = decode_step(model, req, out[:, i - 1], i - 1)
+            out[:, i] = sample_token(logits, u[:, i], model.cfg.boi_id, temperature, top_k, top_p)
     grids, start = [], 0
     for h, w in target_grids:
         grids.append(out[:, start:start + h * w].view(B, h, w))

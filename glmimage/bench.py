@@ -37,6 +37,7 @@ def peak_memory(device: torch.device) -> dict:
     out = {"peak_rss_gb": rss / 1e9}
     if device.type == "cuda":
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
     return out
 
 
@@ -78,8 +79,8 @@ def measure_floor(device: torch.device, dtype: torch.dtype, hidden: int, n_token
     w = torch.randn(4 * hidden, hidden, device=device, dtype=dtype)
     flops = 2 * n_tokens * hidden * 4 * hidden
     matmul = flops / best(lambda: a @ w.T)
-    big = torch.randn(max(64 * 2**20 // hidden // (2 if dtype != torch.float32 else 1), 1), hidden,
-                      device=device, dtype=dtype)   # 256 MB fp32 / 128 MB bf16, well above the caches
+    nbytes = 256 * 2**20 if device.type == "cpu" else 2 * 2**30  # well above the caches (a GPU's L2 is ~50 MB)
+    big = torch.randn(max(nbytes // torch.finfo(dtype).bits * 8 // hidden, 1), hidden, device=device, dtype=dtype)
     x = torch.randn(1, hidden, device=device, dtype=dtype)
     bandwidth = big.numel() * big.element_size() / best(lambda: x @ big.T)
     return {"matmul_flops": matmul, "stream_bytes_per_s": bandwidth}
@@ -187,7 +188,8 @@ def worker_reference(args, device, dtype) -> dict:
 def worker_ours(args, device, dtype) -> dict:
     from glmimage.pipeline import Pipeline
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload, int8=args.int8)
+    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload, int8=args.int8,
+                                    cuda_graph=not args.eager)
     if args.compile:
         pipe.compile()
     load_s = time.perf_counter() - t0
@@ -209,7 +211,9 @@ def worker_ours(args, device, dtype) -> dict:
     for _ in range(args.warmup):
         run()
     image, stages = min((run() for _ in range(args.repeat)), key=lambda r: r[1]["total"])
-    impl = f"glmimage ({dtype}{', int8 AR' if args.int8 else ''}{f', batch of {args.batch}' if args.batch > 1 else ''})"
+    impl = (f"glmimage ({dtype}{', int8 AR' if args.int8 else ''}{', offload' if args.offload else ''}"
+            f"{', no CUDA graph' if args.eager and device.type == 'cuda' else ''}"
+            f"{f', batch of {args.batch}' if args.batch > 1 else ''})")
     out = {"impl": impl, "load_s": load_s, "stages": stages, "image": image, "batch": args.batch,
            "grid": stages.pop("grid"), **peak_memory(device)}    # before the floor probe allocates its own
     n_new = stages.get("ar_new_tokens", 0)
@@ -244,7 +248,9 @@ def worker_main(args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: bool = False,
-          offload: bool = False, batch: int = 1) -> dict:
+          offload: bool = False, batch: int = 1, eager: bool = False) -> dict:
+    """Run one worker in a fresh process. A failed worker is reported ({"error": ...}), not fatal: the other
+    implementations still run (on a rented GPU, one crash should not cost the whole run)."""
     cmd = [sys.executable, "-m", "glmimage.bench", "--worker", worker, "--model", str(args.model),
            "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),
            "--guidance", str(args.guidance), "--seed", str(args.seed), "--device", args.device, "--dtype", dtype,
@@ -259,8 +265,13 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
         cmd += ["--int8"]
     if batch > 1:
         cmd += ["--batch", str(batch)]
+    if eager:
+        cmd += ["--eager"]
     print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
+    t = time.perf_counter()
+    rc = subprocess.run(cmd).returncode
+    if rc != 0 or not json_out.exists():
+        return {"error": f"worker exited with code {rc} after {time.perf_counter() - t:.0f} s (its log is above)"}
     return json.loads(json_out.read_text())
 
 
@@ -302,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="our dtype (several: comma-separated, e.g. float32,bfloat16; "
                                                    "'+int8' adds int8 AR weights, '+offload' stage residency, "
-                                                   "'+batchN' N prompts in one call (throughput), e.g. "
+                                                   "'+batchN' N prompts in one call (throughput), '+eager' no CUDA "
+                                                   "graph for the AR decode, e.g. "
                                                    "float32+offload,bfloat16+int8,bfloat16+batch4)")
     p.add_argument("--reference-dtype", default="float32", help="the reference's dtype ('none' skips it)")
     p.add_argument("--warmup", type=int, default=1)
@@ -316,40 +328,49 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", help=argparse.SUPPRESS)
     p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args)
 
+    variants = []                                    # checked before anything runs
+    for variant in args.dtype.split(","):
+        dt, *flags = variant.split("+")
+        batch = [int(f[5:]) for f in flags if f.startswith("batch") and f[5:].isdigit() and int(f[5:]) > 0]
+        unknown = set(flags) - {"int8", "offload", "eager"} - {f"batch{b}" for b in batch}
+        if unknown:
+            raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, offload, eager, batchN (N >= 1)")
+        variants.append((variant, dt, dict(int8="int8" in flags, offload="offload" in flags,
+                                           batch=batch[0] if batch else 1, eager="eager" in flags)))
     if args.model is None:
+        from glmimage.cli import pick_device
         from glmimage.random_checkpoint import make_random_checkpoint
         cache = Path(os.environ.get("GLMIMAGE_CACHE", Path.home() / ".cache" / "glmimage")) / f"random-{args.preset}"
         if not (cache / "model_index.json").exists():
+            # the full preset is drawn on the benchmark's device and stored in bf16, as the official checkpoint
+            full = args.preset == "full"
             print(f"writing a random {args.preset} checkpoint to {cache}", flush=True)
-            make_random_checkpoint(cache, preset=args.preset, seed=0)
+            make_random_checkpoint(cache, preset=args.preset, seed=0, dtype=torch.bfloat16 if full else torch.float32,
+                                   device=pick_device(args.device) if full else "cpu")
         args.model = str(cache)
     tmp = Path(tempfile.mkdtemp(prefix="glmimage-bench-"))
     results, tokens = {}, None
     if args.reference_dtype != "none":
         ref = spawn(args, "reference", args.reference_dtype, tmp / "reference.json")
-        tokens = tmp / "reference_tokens.json"
-        tokens.write_text(json.dumps(ref["grid"]))
+        if "grid" in ref:
+            tokens = tmp / "reference_tokens.json"
+            tokens.write_text(json.dumps(ref["grid"]))
         results[f"reference-{args.reference_dtype}"] = ref
-    for variant in args.dtype.split(","):
-        dt, *flags = variant.split("+")
-        batch = [int(f[5:]) for f in flags if f.startswith("batch") and f[5:].isdigit() and int(f[5:]) > 0]
-        unknown = set(flags) - {"int8", "offload"} - {f"batch{b}" for b in batch}
-        if unknown:
-            raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, offload, batchN (N >= 1)")
-        ours = spawn(args, "ours", dt, tmp / f"ours-{variant}.json", tokens, int8="int8" in flags,
-                     offload="offload" in flags, batch=batch[0] if batch else 1)
-        results[f"glmimage-{variant}"] = ours
+    for variant, dt, flags in variants:
+        results[f"glmimage-{variant}"] = spawn(args, "ours", dt, tmp / f"ours-{variant}.json", tokens, **flags)
     report = {"config": {k: getattr(args, k) for k in ("preset", "model", "height", "width", "steps", "guidance",
                                                          "seed", "device", "warmup", "repeat", "compile",
                                                          "offload")},
               "prompt": PROMPT, "results": results, "comparisons": {}}
-    ref_key = next((k for k in results if k.startswith("reference")), None)
-    fp32_key = "glmimage-float32" if "glmimage-float32" in results else None
-    for k, r in results.items():
+    ok = {k: r for k, r in results.items() if "error" not in r}
+    ref_key = next((k for k in ok if k.startswith("reference")), None)
+    fp32_key = "glmimage-float32" if "glmimage-float32" in ok else None
+    for k, r in ok.items():
         if not k.startswith("glmimage"):
             continue
         cmp = {}
@@ -362,14 +383,20 @@ def main(argv: list[str] | None = None) -> None:
             cmp["speedup_ar_decode"] = s["ar_decode_tokens_per_s"] / rs["ar_decode_tokens_per_s"]
             cmp["speedup_dit"] = rs["dit"] / s["dit"]
             cmp["peak_rss_ratio"] = r["peak_rss_gb"] / results[ref_key]["peak_rss_gb"]
+            if "peak_allocated_gb" in r and "peak_allocated_gb" in results[ref_key]:
+                cmp["peak_allocated_ratio"] = r["peak_allocated_gb"] / results[ref_key]["peak_allocated_gb"]
             if "image_from_reference_tokens" in r:
                 cmp["image_vs_reference_same_tokens"] = image_diff(r["image_from_reference_tokens"],
                                                                    results[ref_key]["image"])
+        first = next(x for x in ok if x.startswith("glmimage"))
+        if first not in (k, fp32_key) and "image_from_reference_tokens" in r and "image_from_reference_tokens" in ok[first]:
+            cmp[f"image_vs_{first}_same_tokens"] = image_diff(r["image_from_reference_tokens"],
+                                                              ok[first]["image_from_reference_tokens"])
         if fp32_key and fp32_key != k and "image_from_reference_tokens" in r:
             cmp["image_vs_our_fp32_same_tokens"] = image_diff(r["image_from_reference_tokens"],
                                                               results[fp32_key]["image_from_reference_tokens"])
             # same seed, same uniforms: how often does this variant's AR pick our fp32 AR's token?
-            a, b = torch.tensor(r["grid"]), torch.tensor(results[fp32_key]["grid"])
+            a, b = torch.tensor(r["grid"]), torch.tensor(ok[fp32_key]["grid"])
             cmp["ar_tokens_equal_to_our_fp32"] = float((a == b).float().mean())
         f = r.get("floor", {})
         if f:
@@ -384,7 +411,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in results.values():
         r.pop("grid", None)
     out.write_text(json.dumps(report, indent=2, default=str))
-    print(table(results))
+    print(table(ok))
+    for k, r in results.items():
+        if "error" in r:
+            print(f"{k}: {r['error']}")
     print(json.dumps(report["comparisons"], indent=2))
     print(f"wrote {out}")
 

@@ -89,7 +89,9 @@ def cmd_generate(args, images=None) -> None:
 
 def cmd_make_random(args) -> None:
     from glmimage.random_checkpoint import make_random_checkpoint
-    out = make_random_checkpoint(args.out, preset=args.preset, seed=args.seed)
+    device = pick_device(args.device)
+    out = make_random_checkpoint(args.out, preset=args.preset, seed=args.seed, device=device,
+                                 dtype=pick_dtype(args.dtype, device))
     print(f"wrote a random {args.preset} checkpoint (official layout) to {out}")
 
 
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out")
     p.add_argument("--preset", default="debug", choices=sorted(PRESETS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the weights are drawn (cuda: the full preset in seconds)")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the official checkpoint is bf16)")
 
     args = parser.parse_args(argv)
     try:

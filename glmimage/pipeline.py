@@ -50,6 +50,41 @@ def nearest_multiples(x: int, m: int) -> str:
     return f"{lo}" if lo == hi else f"{lo} or {hi}"
 
 
+def pin_weights(component) -> list:
+    """A host-resident component's weights, page-locked (device copies then run at full bus speed, asynchronously)
+    -> [(module, kind, name, host tensor)] for `place_weights`. Tied weights appear once (one Parameter object)."""
+    root = component.model if isinstance(component, VAE) else component      # the VAE wraps diffusers' model
+    entries, seen = [], set()
+    for mod in root.modules():
+        for kind, tensors in (("param", mod._parameters), ("buffer", mod._buffers)):
+            for name, t in tensors.items():
+                if t is None or (kind == "param" and id(t) in seen):
+                    continue
+                seen.add(id(t))
+                try:
+                    pinned = t.data.pin_memory()
+                except RuntimeError:                   # no pinned memory on this backend: pageable copies still work
+                    pinned = t.data
+                entries.append((mod, kind, name, pinned))
+    for mod, kind, name, pinned in entries:
+        if kind == "param":
+            mod._parameters[name].data = pinned
+        else:
+            mod._buffers[name] = pinned
+    return entries
+
+
+def place_weights(entries: list, device: torch.device | None) -> None:
+    """Point each weight at a fresh device copy of its pinned host tensor (device None: back at the host tensor;
+    the device copies are freed and nothing is copied back, since inference never changes a weight)."""
+    for mod, kind, name, host in entries:
+        t = host if device is None else host.to(device, non_blocking=True)
+        if kind == "param":
+            mod._parameters[name].data = t
+        else:
+            mod._buffers[name] = t
+
+
 @dataclass
 class SamplingDefaults:
     temperature: float = 0.9
@@ -60,12 +95,13 @@ class SamplingDefaults:
 class Pipeline:
     """The stages of GLM-Image over one checkpoint folder. Components load on first use.
 
-    offload=True keeps a stage resident only while it runs: on an accelerator the others wait in host memory;
-    on a CPU a finished stage is released and read again from disk (memory-mapped safetensors) when next needed.
+    offload=True keeps a stage resident only while it runs: on an accelerator the others wait in pinned host
+    memory (copied in when their stage starts, dropped when it ends: nothing is copied back); on a CPU a finished
+    stage is released and read again from disk (memory-mapped safetensors) when next needed.
     """
 
     def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, offload: bool = False,
-                 int8: bool = False):
+                 int8: bool = False, cuda_graph: bool = True):
         self.root, self.device, self.dtype, self.offload, self.int8 = root, device, dtype, offload, int8
         index = loading.read_json(root / "model_index.json")
         self.vle_dir = root / "vision_language_encoder"
@@ -95,19 +131,24 @@ class Pipeline:
         self.prompt_tokenizer = PromptTokenizer.from_dir(root / "processor", token_px=self.ar_token_px,
                                                          preview_side=self.preview_side)
         self._mods: dict[str, object] = {}
+        self._host: dict[str, list] = {}          # offload on an accelerator: each component's pinned host weights
         self.compiled = False
+        self.cuda_graph = cuda_graph
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, offload: bool = False,
-                        int8: bool = False) -> "Pipeline":
+                        int8: bool = False, cuda_graph: bool = True) -> "Pipeline":
         """Load the official folder layout (a local folder or a hub id); None loads the bundled model.
 
         offload: keep only the running stage resident. int8: int8 weight-only linears in the AR's layers (its
-        decode is bound by reading weights; the DiT is compute-bound and stays in `dtype`)."""
+        decode is bound by reading weights; the DiT is compute-bound and stays in `dtype`). cuda_graph: on a CUDA
+        device, replay each AR decode step as one CUDA graph (elsewhere the eager loop runs)."""
         root = loading.resolve(path if path is not None else default_model())
-        pipe = cls(root, torch.device(device), dtype, offload, int8)
-        if not offload:                           # load everything now, so errors surface at once
+        pipe = cls(root, torch.device(device), dtype, offload, int8, cuda_graph)
+        # load everything now, so errors surface at once (offload on an accelerator: into pinned host memory;
+        # offload on a CPU reads each stage from disk when it runs)
+        if not offload or pipe.device.type != "cpu":
             for name in ("ar", "image_tokenizer", "dit", "glyph", "vae"):
                 getattr(pipe, name)
         return pipe
@@ -149,15 +190,17 @@ class Pipeline:
         if name not in self._mods:
             host = self.offload and self.device.type != "cpu"
             self._mods[name] = self._load(name, torch.device("cpu") if host else self.device)
+            if host:
+                self._host[name] = pin_weights(self._mods[name])
         return self._mods[name]
 
     @contextmanager
     def _stage(self, name: str, timings: dict | None = None):
         """Run a stage: its component on the device for the duration, and its wall time recorded."""
         m = self._get(name)
-        if self.offload and self.device.type != "cpu":
-            m.to(self.device)
         t0 = time.perf_counter()
+        if self.offload and self.device.type != "cpu":
+            place_weights(self._host[name], self.device)        # pinned host -> device, asynchronous
         try:
             yield m
         finally:
@@ -168,7 +211,7 @@ class Pipeline:
                 if self.device.type == "cpu":
                     del self._mods[name]          # released; read again from disk when next needed
                 else:
-                    m.to("cpu")
+                    place_weights(self._host[name], None)       # back to the host copies: no copy, device freed
 
     ar = property(lambda self: self._get("ar"))
     image_tokenizer = property(lambda self: self._get("image_tokenizer"))
@@ -276,6 +319,7 @@ class Pipeline:
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds,
                                    attention_mask=mask.to(self.device) if B > 1 else None,
                                    compile=self.compiled, timings=timings,
+                                   cuda_graph=self.cuda_graph and self.device.type == "cuda",
                                    on_grid=None if on_grid is None else
                                    lambda k, g: on_grid(k, g[0] if single else g))
         return grids[-1][0] if single else grids[-1]                    # [th, tw] or [B, th, tw]

@@ -209,7 +209,7 @@ def _fill_zeros(module: torch.nn.Module, std: float, generator: torch.Generator)
     with torch.no_grad():
         for p in module.parameters():
             if p.numel() > 1 and p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
+                p.copy_(torch.randn(p.shape, generator=generator, device=generator.device) * std)
 
 
 MODEL_INDEX = {
@@ -240,8 +240,9 @@ def write_common(out: Path, cfgs: dict, tok, preset: dict) -> None:
 
 
 def make_random_checkpoint(out_dir: str | os.PathLike, preset: str = "debug", seed: int = 0,
-                           dtype: torch.dtype = torch.float32) -> Path:
-    """Write a random GLM-Image checkpoint in the official layout and return its path."""
+                           dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Path:
+    """Write a random GLM-Image checkpoint in the official layout and return its path. `device` is where the
+    weights are drawn (a GPU draws the full preset's 17.7 B in seconds; a seed's weights differ per device)."""
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration, T5Config, T5EncoderModel
     from transformers import GenerationConfig
     from diffusers import AutoencoderKL, GlmImageTransformer2DModel
@@ -251,28 +252,33 @@ def make_random_checkpoint(out_dir: str | os.PathLike, preset: str = "debug", se
     tok = build_text_tokenizer(p["codebook"] + UNUSED_VISION_SLOTS)
     text_vocab = tok.get_vocab_size() - (p["codebook"] + UNUSED_VISION_SLOTS)
     cfgs = hf_configs(p, text_vocab)
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(seed)
     write_common(out, cfgs, tok, p)
 
     torch.manual_seed(seed)
-    vle = GlmImageForConditionalGeneration(GlmImageConfig(**cfgs["vision_language_encoder"])).to(dtype)
+    with device:
+        vle = GlmImageForConditionalGeneration(GlmImageConfig(**cfgs["vision_language_encoder"])).to(dtype)
     _fill_zeros(vle, 0.02, gen)
     vle.generation_config = GenerationConfig(**cfgs["generation"])
     vle.save_pretrained(out / "vision_language_encoder")
     del vle
 
     torch.manual_seed(seed + 1)
-    dit = GlmImageTransformer2DModel(**cfgs["transformer"]).to(dtype)
+    with device:
+        dit = GlmImageTransformer2DModel(**cfgs["transformer"]).to(dtype)
     _fill_zeros(dit, 0.02, gen)
     dit.save_pretrained(out / "transformer")
     del dit
 
     torch.manual_seed(seed + 2)
-    t5 = T5EncoderModel(T5Config(**cfgs["text_encoder"])).to(dtype)
+    with device:
+        t5 = T5EncoderModel(T5Config(**cfgs["text_encoder"])).to(dtype)
     t5.save_pretrained(out / "text_encoder")
     del t5
 
     torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(**cfgs["vae"]).to(dtype)
+    with device:
+        vae = AutoencoderKL(**cfgs["vae"]).to(dtype)
     vae.save_pretrained(out / "vae")
     return out

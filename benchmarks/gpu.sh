@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU check, as one prepared script for a rented machine (the device tool; its files come back from $OUT).
+#
+#   bash benchmarks/gpu.sh smoke   # CUDA tests + the medium preset side by side on the GPU      (~3 min)
+#   bash benchmarks/gpu.sh full    # official sizes, random weights, 1024², 50 steps, reference beside (~8 min)
+#
+# The machine has PyTorch but no diffusers and an older transformers: the reference versions this repo tests
+# against travel as wheels in .whl/ (see README: "GPU benchmark"). Logs and JSON land in $OUT (default: ./gpu-out).
+set -uo pipefail
+mode=${1:-smoke}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 GLMIMAGE_CACHE=${GLMIMAGE_CACHE:-/tmp/glmimage-cache} HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
+df -h /tmp | tail -1; free -g | head -2
+
+if [ "$mode" = smoke ]; then
+  # the official AR alone (random weights in memory): decode tokens/s with and without the CUDA-graph step
+  timeout 150 python3 benchmarks/ar_decode.py --preset glm-image --device cuda --dtype bfloat16 \
+    --out "$OUT/ar-decode-full.json" 2>&1 | tail -22
+  # the CUDA-only tests (graph decode, no host syncs, pinned offload) and the parity/engine suites on this box
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_ar.py tests/test_engine.py 2>&1 \
+    | tee "$OUT/pytest.txt" | tail -15
+  # the medium preset on the GPU: reference fp32 vs ours fp32 (image parity), bf16, bf16 without CUDA graphs,
+  # bf16 with offload
+  timeout 300 python3 -m glmimage.bench --preset medium --device cuda --warmup 1 --repeat 1 \
+    --dtype float32,bfloat16,bfloat16+eager,bfloat16+offload --out "$OUT/medium-cuda.json" 2>&1 \
+    | tee "$OUT/medium-bench.txt" | grep -v Warning | tail -45
+  # disk and GPU->host speed, to size the full run
+  dd if=/dev/zero of=/tmp/ddtest bs=64M count=32 oflag=direct 2>&1 | tail -1; rm -f /tmp/ddtest
+elif [ "$mode" = full ]; then
+  # official sizes with random weights, bf16, 1024², 50 steps, CFG 1.5; the reference in bf16 beside ours.
+  # One measured run each (no warm-up: a first image is what a user waits for; both sides alike).
+  t0=$(date +%s)
+  export TMPDIR=/tmp/bench-work; mkdir -p $TMPDIR
+  timeout ${FULL_TIMEOUT:-470} python3 -m glmimage.bench --preset full --device cuda --height 1024 --width 1024 \
+    --steps 50 --guidance 1.5 --warmup 0 --repeat 1 --reference-dtype bfloat16 \
+    --dtype ${VARIANTS:-bfloat16,bfloat16+offload} --out "$OUT/full-cuda.json" 2>&1 \
+    | tee "$OUT/full-bench.txt" | grep -v Warning | tail -60
+  echo "full run: $(( $(date +%s) - t0 )) s"
+  # if the bench was cut short, keep each finished worker's own JSON
+  [ -f "$OUT/full-cuda.json" ] || for f in $TMPDIR/glmimage-bench-*/*.json; do cp "$f" "$OUT/partial-$(basename $f)"; done
+else
+  echo "usage: bash benchmarks/gpu.sh smoke|full" >&2; exit 2
+fi
