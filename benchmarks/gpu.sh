@@ -28,7 +28,8 @@ if [ "$mode" = smoke ]; then
   timeout 150 python3 benchmarks/ar_decode.py --preset glm-image --device cuda --dtype bfloat16 \
     --out "$OUT/ar-decode-full.json" 2>&1 | tail -22
   # the CUDA-only tests (graph decode, no host syncs, pinned offload) and the parity/engine suites on this box
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_ar.py tests/test_engine.py 2>&1 \
+  # (not -x: test_image_tokens_match_reference fails there on its Pillow/torchvision, not on CUDA)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_ar.py tests/test_engine.py 2>&1 \
     | tee "$OUT/pytest.txt" | tail -15
   # the medium preset on the GPU: reference fp32 vs ours fp32 (image parity), bf16, bf16 without CUDA graphs,
   # bf16 with offload
@@ -41,8 +42,10 @@ elif [ "$mode" = full ]; then
   # official sizes with random weights, bf16, 1024², 50 steps, CFG 1.5; the reference in bf16 beside ours.
   # One measured run each (no warm-up: a first image is what a user waits for; both sides alike).
   t0=$(date +%s)
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ar.py tests/test_engine.py -k "cuda or sync" 2>&1 \
+    | tee "$OUT/pytest-cuda.txt" | tail -4
   export TMPDIR=/tmp/bench-work; mkdir -p $TMPDIR
-  timeout ${FULL_TIMEOUT:-470} python3 -m glmimage.bench --preset full --device cuda --height 1024 --width 1024 \
+  timeout ${FULL_TIMEOUT:-420} python3 -m glmimage.bench --preset full --device cuda --height 1024 --width 1024 \
     --steps 50 --guidance 1.5 --warmup 0 --repeat 1 --reference-dtype bfloat16 \
     --dtype ${VARIANTS:-bfloat16,bfloat16+offload} --out "$OUT/full-cuda.json" 2>&1 \
     | tee "$OUT/full-bench.txt" | grep -v Warning | tail -60

@@ -207,14 +207,16 @@ class Attention(nn.Module):
 
     def fuse_qkv(self) -> None:
         """One [3D, D] GEMM instead of three. to_q/to_k/to_v become views into the fused weight, so the state
-        dict keeps its keys and no weight is held twice."""
+        dict keeps its keys and no weight is held twice (offload moves whole storages, so they stay views)."""
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()  # [3D, D]
         b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]).detach()  # [3D]
         D = w.shape[1]
         for i, lin in enumerate((self.to_q, self.to_k, self.to_v)):
             lin.weight = nn.Parameter(w[i * D:(i + 1) * D], requires_grad=False)
             lin.bias = nn.Parameter(b[i * D:(i + 1) * D], requires_grad=False)
-        self.qkv_weight, self.qkv_bias = w, b
+        # buffers, so they move with the module; not persistent, so the state dict keeps the official keys
+        self.register_buffer("qkv_weight", w, persistent=False)
+        self.register_buffer("qkv_bias", b, persistent=False)
 
     def qkv(self, h: Tensor, num_txt: int, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         B, S, _ = h.shape  # h: [B, T+N, D], text first

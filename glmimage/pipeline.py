@@ -52,33 +52,47 @@ def nearest_multiples(x: int, m: int) -> str:
 
 def pin_weights(component) -> list:
     """A host-resident component's weights, page-locked (device copies then run at full bus speed, asynchronously)
-    -> [(module, kind, name, host tensor)] for `place_weights`. Tied weights appear once (one Parameter object)."""
+    -> [(module, kind, name, host tensor)] for `place_weights`. Each storage is pinned once and its tensors stay
+    views of it: tied weights and views (the DiT's fused QKV and its to_q/to_k/to_v slices) keep sharing memory."""
     root = component.model if isinstance(component, VAE) else component      # the VAE wraps diffusers' model
-    entries, seen = [], set()
+    entries, storages = [], {}
     for mod in root.modules():
         for kind, tensors in (("param", mod._parameters), ("buffer", mod._buffers)):
             for name, t in tensors.items():
-                if t is None or (kind == "param" and id(t) in seen):
-                    continue
-                seen.add(id(t))
-                try:
-                    pinned = t.data.pin_memory()
-                except RuntimeError:                   # no pinned memory on this backend: pageable copies still work
-                    pinned = t.data
-                entries.append((mod, kind, name, pinned))
-    for mod, kind, name, pinned in entries:
-        if kind == "param":
-            mod._parameters[name].data = pinned
-        else:
-            mod._buffers[name] = pinned
+                if t is not None:
+                    entries.append((mod, kind, name, t.data))
+    for i, (mod, kind, name, t) in enumerate(entries):
+        key = t.untyped_storage().data_ptr()
+        if key not in storages:
+            raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())      # the storage's bytes
+            try:
+                storages[key] = raw.pin_memory()
+            except RuntimeError:                   # no pinned memory on this backend: pageable copies still work
+                storages[key] = raw
+        entries[i] = (mod, kind, name, _view_of(storages[key], t))
+    place_weights(entries, None)
     return entries
 
 
+def _view_of(raw: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t`'s dtype, shape, strides and offset over the bytes in `raw` (a uint8 tensor holding a whole storage)."""
+    return torch.empty(0, dtype=t.dtype, device=raw.device).set_(raw.untyped_storage(), t.storage_offset(),
+                                                                  t.size(), t.stride())
+
+
 def place_weights(entries: list, device: torch.device | None) -> None:
-    """Point each weight at a fresh device copy of its pinned host tensor (device None: back at the host tensor;
-    the device copies are freed and nothing is copied back, since inference never changes a weight)."""
+    """Point each weight at a device copy of its pinned host tensor, one copy per storage (device None: back at
+    the host tensors; the device copies are freed and nothing is copied back, since inference never changes a
+    weight)."""
+    copies = {}
     for mod, kind, name, host in entries:
-        t = host if device is None else host.to(device, non_blocking=True)
+        t = host
+        if device is not None:
+            key = host.untyped_storage().data_ptr()
+            if key not in copies:
+                raw = torch.empty(0, dtype=torch.uint8).set_(host.untyped_storage())
+                copies[key] = raw.to(device, non_blocking=True)
+            t = _view_of(copies[key], host)
         if kind == "param":
             mod._parameters[name].data = t
         else:

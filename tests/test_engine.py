@@ -73,18 +73,28 @@ def test_cuda_graph_decode_matches_eager_on_cuda(debug_ckpt):
         assert all(torch.equal(x, y) for x, y in zip(eager, graph))
 
 
-def test_pinned_offload_helpers_keep_ties_and_outputs(pipe):
-    """pin_weights/place_weights (the accelerator offload): tied weights stay one Parameter, outputs unchanged."""
+def test_pinned_offload_helpers_keep_ties_views_and_outputs(pipe):
+    """pin_weights/place_weights (the accelerator offload): tied weights stay one Parameter, the DiT's q/k/v stay
+    views of its fused QKV (one copy of each storage), and outputs are unchanged."""
     from glmimage.pipeline import pin_weights, place_weights
     enc = GlyphEncoder.from_folder(pipe.root / "text_encoder")
     want = enc.encode([PROMPT])[0]
     entries = pin_weights(enc)
     assert enc.t5.shared.weight is enc.t5.encoder.embed_tokens.weight
-    assert len(entries) == len({id(p) for p in enc.parameters()}) + len(list(enc.buffers()))
     place_weights(entries, torch.device("cpu"))
     assert torch.equal(enc.encode([PROMPT])[0], want)
-    place_weights(entries, None)
-    assert all(p.data_ptr() == e[3].data_ptr() for p, e in zip(enc.parameters(), entries))
+
+    dit = pipe._load("dit", torch.device("cpu"))
+    x, ids = torch.randn(1, 16, 8, 8), torch.randint(0, 128, (1, 16))
+    glyph = torch.randn(1, 3, dit.cfg.text_embed_dim)
+    args = (x, glyph, ids, False, torch.tensor([500.0]), torch.tensor([[64.0, 64.0]]), torch.zeros(1, 2))
+    want = dit(*args)
+    entries = pin_weights(dit)
+    for device in (torch.device("cpu"), None):
+        place_weights(entries, device)
+        attn = dit.transformer_blocks[0].attn1
+        assert attn.to_k.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+        assert torch.equal(dit(*args), want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
