@@ -5,7 +5,11 @@
 #   bash benchmarks/gpu.sh full    # official sizes, random weights, 1024², 50 steps, reference beside (~8 min)
 #
 # The machine has PyTorch but no diffusers and an older transformers: the reference versions this repo tests
-# against travel as wheels in .whl/ (see README: "GPU benchmark"). Logs and JSON land in $OUT (default: ./gpu-out).
+# against travel as wheels in .whl/, fetched where pip works with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl transformers==5.23.0 diffusers==0.42.1 importlib_metadata regex
+# Logs and JSON land in $OUT (default: ./gpu-out).
 set -uo pipefail
 mode=${1:-smoke}
 OUT=${OUT:-$PWD/gpu-out}

@@ -219,8 +219,10 @@ def worker_ours(args, device, dtype) -> dict:
     n_new = stages.get("ar_new_tokens", 0)
     floor = measure_floor(device, dtype, pipe.dit.cfg.num_attention_heads * pipe.dit.cfg.attention_head_dim,
                           (args.height // 16) * (args.width // 16))
+    with pipe._stage("ar") as ar:                    # on the device for the probe (offload keeps it on the host)
+        linears = time_ar_linears(ar, device, dtype)
     out["floor"] = {**floor, **stage_floors(pipe, floor, args.height, args.width, args.steps, args.guidance, n_new),
-                    **time_ar_linears(pipe.ar, device, dtype)}
+                    **linears}
     if args.tokens:                                  # the reference's tokens, decoded by us: image parity
         grid = torch.tensor(json.loads(Path(args.tokens).read_text()))
         out["image_from_reference_tokens"], _ = run(grid, batch=1)

@@ -170,13 +170,14 @@ def test_bench_runs_both_sides_and_reports(debug_ckpt, tmp_path):
     from glmimage.bench import main
     out = tmp_path / "bench.json"
     main(["--model", str(debug_ckpt), "--height", "64", "--width", "64", "--steps", "2", "--warmup", "0",
-          "--repeat", "1", "--device", "cpu", "--dtype", "float32,float32+batch2", "--out", str(out)])
+          "--repeat", "1", "--device", "cpu", "--dtype", "float32,float32+batch2+offload", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"reference-float32", "glmimage-float32", "glmimage-float32+batch2"}
+    assert set(report["results"]) == {"reference-float32", "glmimage-float32", "glmimage-float32+batch2+offload"}
     for r in report["results"].values():
         assert r["stages"]["total"] > 0 and r["stages"]["ar_decode_tokens_per_s"] > 0 and r["peak_rss_gb"] > 0
-    ours, batch = report["comparisons"]["glmimage-float32"], report["comparisons"]["glmimage-float32+batch2"]
+    ours, batch = report["comparisons"]["glmimage-float32"], report["comparisons"]["glmimage-float32+batch2+offload"]
     assert ours["image_vs_reference_same_tokens"]["max_abs"] <= 2
     assert ours["speedup_end_to_end"] > 0 and ours["dit_over_floor"] > 0 and 0 < ours["ar_decode_linears_share"]
     assert batch["throughput_vs_reference"] > 0
-    assert report["results"]["glmimage-float32+batch2"]["stages"]["s_per_image"] > 0
+    assert report["results"]["glmimage-float32+batch2+offload"]["stages"]["s_per_image"] > 0
+    assert batch["ar_decode_linears_share"] > 0                    # the floor probe runs with offload too
