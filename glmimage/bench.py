@@ -305,7 +305,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="glmimage bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="medium", help="random checkpoint preset (debug, medium, full)")
+    p.add_argument("--preset", default="medium", help="random checkpoint preset (debug, medium, wide, full)")
     p.add_argument("--model", default=None, help="an existing checkpoint folder instead of a random one")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)

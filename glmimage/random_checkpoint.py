@@ -9,7 +9,8 @@ what makes them a parity oracle for our own loader and models.
 Presets:
   debug   tiny, for tests (seconds on a CPU)
   medium  the official depths (40 AR layers, 30 DiT layers) at reduced width, for CPU benchmarks
-  full    the official sizes (17.7 B parameters), for a GPU benchmark; needs ~70 GB of host RAM in fp32
+  wide    the official widths at depth 2 (AR, ViT, DiT), full T5 and VAE: full-size shapes, checkable on a CPU
+  full    the official sizes (17.7 B parameters), for a GPU benchmark (drawn on the GPU, stored in bf16)
 
     glmimage make-random DIR --preset debug
 """
@@ -84,6 +85,11 @@ PRESETS: dict[str, dict] = {
         vae=dict(block_out_channels=[128, 512, 1024, 1024], layers_per_block=3, norm_num_groups=32),
     ),
 }
+
+# the official widths at depth 2 (AR, ViT, DiT) with the full T5 and VAE: every full-size shape, checkable on a CPU
+_full = PRESETS["full"]
+PRESETS["wide"] = {**_full, "ar": {**_full["ar"], "num_hidden_layers": 2}, "vit": {**_full["vit"], "depth": 2},
+                   "dit": {**_full["dit"], "num_layers": 2}}
 
 TEXT_SPECIALS = ["<|endoftext|>", "<sop>", "<eop>", "<|image|>"]
 UNUSED_VISION_SLOTS = 128  # official: vision vocab = 16384 codes + 128 (BOI, EOI, 126 unused)
