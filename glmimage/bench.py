@@ -80,7 +80,8 @@ def measure_floor(device: torch.device, dtype: torch.dtype, hidden: int, n_token
     flops = 2 * n_tokens * hidden * 4 * hidden
     matmul = flops / best(lambda: a @ w.T)
     nbytes = 256 * 2**20 if device.type == "cpu" else 2 * 2**30  # well above the caches (a GPU's L2 is ~50 MB)
-    big = torch.randn(max(nbytes // torch.finfo(dtype).bits * 8 // hidden, 1), hidden, device=device, dtype=dtype)
+    rows = max(nbytes // (torch.finfo(dtype).bits // 8) // hidden, 1)
+    big = torch.randn(rows, hidden, device=device, dtype=dtype)
     x = torch.randn(1, hidden, device=device, dtype=dtype)
     bandwidth = big.numel() * big.element_size() / best(lambda: x @ big.T)
     return {"matmul_flops": matmul, "stream_bytes_per_s": bandwidth}

@@ -116,13 +116,13 @@ def unpatchify(x: Tensor, h: int, w: int, p: int) -> Tensor:
     return x.reshape(B, -1, h * p, w * p)
 
 
-def text_key_mask(txt_len: Tensor | None, T: int, N: int, L: int = 0) -> Tensor | None:
-    """Key mask [B, 1, 1, L+T+N] bool (True = attend) over [reference prefix | text | image] keys that hides each
-    sample's right-padded text rows (txt_len [B] valid rows of T). None when nothing is padded: no mask, as in
-    the reference, so an unpadded batch runs the same SDPA call as a single prompt."""
+def text_key_mask(txt_len: Tensor | None, T: int, N: int, ref_kv: list[KV] | None = None) -> Tensor | None:
+    """Key mask [B, 1, 1, L+T+N] bool (True = attend) over [reference prefix (L rows of ref_kv) | text | image]
+    keys that hides each sample's right-padded text rows (txt_len [B] valid rows of T). None when nothing is
+    padded: no mask, as in the reference, so an unpadded batch runs the same SDPA call as a single prompt."""
     if txt_len is None or bool((txt_len == T).all()):
         return None
-    B = txt_len.shape[0]
+    B, L = txt_len.shape[0], 0 if ref_kv is None else ref_kv[0][0].shape[1]
     txt = torch.arange(T, device=txt_len.device)[None] < txt_len[:, None]  # [B, T]
     return torch.cat([txt.new_ones(B, L), txt, txt.new_ones(B, N)], dim=1)[:, None, None]
 
@@ -344,8 +344,7 @@ class DiT(nn.Module):
         else:
             prior = self.prior_projector(self.prior_token_embedding(prior_ids))  # [B, N, D]
         rope = rope_table(*grid, self.cfg.attention_head_dim, glyph.device)
-        L = 0 if ref_kv is None else ref_kv[0][0].shape[1]
-        mask = text_key_mask(txt_len, txt.shape[1], grid[0] * grid[1], L)
+        mask = text_key_mask(txt_len, txt.shape[1], grid[0] * grid[1], ref_kv)
         return Context(txt, prior, rope, ref_kv, mask, txt_len)
 
     def modulation(self, vec: Tensor) -> StepModulation:

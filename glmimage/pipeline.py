@@ -64,7 +64,7 @@ def pin_weights(component) -> list:
     for i, (mod, kind, name, t) in enumerate(entries):
         key = t.untyped_storage().data_ptr()
         if key not in storages:
-            raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())      # the storage's bytes
+            raw = _storage_bytes(t)
             try:
                 storages[key] = raw.pin_memory()
             except RuntimeError:                   # no pinned memory on this backend: pageable copies still work
@@ -72,6 +72,11 @@ def pin_weights(component) -> list:
         entries[i] = (mod, kind, name, _view_of(storages[key], t))
     place_weights(entries, None)
     return entries
+
+
+def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The whole storage under `t` as a uint8 tensor (views and tied weights share one)."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
 
 
 def _view_of(raw: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -90,8 +95,7 @@ def place_weights(entries: list, device: torch.device | None) -> None:
         if device is not None:
             key = host.untyped_storage().data_ptr()
             if key not in copies:
-                raw = torch.empty(0, dtype=torch.uint8).set_(host.untyped_storage())
-                copies[key] = raw.to(device, non_blocking=True)
+                copies[key] = _storage_bytes(host).to(device, non_blocking=True)
             t = _view_of(copies[key], host)
         if kind == "param":
             mod._parameters[name].data = t

@@ -136,8 +136,7 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
             src = torch.stack([cache["src_latents"][idx[b]] for b in group]).float()
             src_ids = torch.stack([cache["src_ids"][idx[b]] for b in group])
             ref_kv = dit.reference_kv([src], [src_ids], [(size, size)])
-        L = 0 if ref_kv is None else ref_kv[0][0].shape[1]
-        mask = text_key_mask(txt_len[g], txt.shape[1], grid[0] * grid[1], L)    # hide each text's padding
+        mask = text_key_mask(txt_len[g], txt.shape[1], grid[0] * grid[1], ref_kv)  # hide each text's padding
         ctx = Context(txt[g], prior[g], rope, ref_kv, mask, txt_len[g])
         v = v.index_put((g,), dit.velocity(xt[g], ctx, vec[g]).float())
     loss = F.mse_loss(v, target)
