@@ -80,10 +80,16 @@ def measure_floor(device: torch.device, dtype: torch.dtype, hidden: int, n_token
     flops = 2 * n_tokens * hidden * 4 * hidden
     matmul = flops / best(lambda: a @ w.T)
     nbytes = 256 * 2**20 if device.type == "cpu" else 2 * 2**30  # well above the caches (a GPU's L2 is ~50 MB)
-    rows = max(nbytes // (torch.finfo(dtype).bits // 8) // hidden, 1)
-    big = torch.randn(rows, hidden, device=device, dtype=dtype)
-    x = torch.randn(1, hidden, device=device, dtype=dtype)
-    bandwidth = big.numel() * big.element_size() / best(lambda: x @ big.T)
+
+    def stream(dt: torch.dtype) -> float:
+        rows = max(nbytes // (torch.finfo(dt).bits // 8) // hidden, 1)
+        big = torch.randn(rows, hidden, device=device, dtype=dt)
+        x = torch.randn(1, hidden, device=device, dtype=dt)
+        return big.numel() * big.element_size() / best(lambda: x @ big.T)
+
+    # bytes are bytes: the best GEMV in either dtype (eager bf16 GEMVs stream at half fp32's rate on this CPU; that
+    # is a kernel's limit, not the machine's)
+    bandwidth = max(stream(dtype), stream(torch.float32))
     return {"matmul_flops": matmul, "stream_bytes_per_s": bandwidth}
 
 
@@ -213,7 +219,7 @@ def worker_ours(args, device, dtype) -> dict:
         run()
     image, stages = min((run() for _ in range(args.repeat)), key=lambda r: r[1]["total"])
     impl = (f"glmimage ({dtype}{', int8 AR' if args.int8 else ''}{', offload' if args.offload else ''}"
-            f"{', no CUDA graph' if args.eager and device.type == 'cuda' else ''}"
+            f"{', no CUDA graph' if args.eager and device.type == 'cuda' else ''}{', compiled' if args.compile else ''}"
             f"{f', batch of {args.batch}' if args.batch > 1 else ''})")
     out = {"impl": impl, "load_s": load_s, "stages": stages, "image": image, "batch": args.batch,
            "grid": stages.pop("grid"), **peak_memory(device)}    # before the floor probe allocates its own
@@ -251,7 +257,7 @@ def worker_main(args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: bool = False,
-          offload: bool = False, batch: int = 1, eager: bool = False) -> dict:
+          offload: bool = False, batch: int = 1, eager: bool = False, compile: bool = False) -> dict:
     """Run one worker in a fresh process. A failed worker is reported ({"error": ...}), not fatal: the other
     implementations still run (on a rented GPU, one crash should not cost the whole run)."""
     cmd = [sys.executable, "-m", "glmimage.bench", "--worker", worker, "--model", str(args.model),
@@ -260,7 +266,7 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
            "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--json-out", str(json_out)]
     if tokens is not None:
         cmd += ["--tokens", str(tokens)]
-    if args.compile:
+    if args.compile or compile:
         cmd += ["--compile"]
     if args.offload or offload:
         cmd += ["--offload"]
@@ -317,8 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto", help="our dtype (several: comma-separated, e.g. float32,bfloat16; "
                                                    "'+int8' adds int8 AR weights, '+offload' stage residency, "
                                                    "'+batchN' N prompts in one call (throughput), '+eager' no CUDA "
-                                                   "graph for the AR decode, e.g. "
-                                                   "float32+offload,bfloat16+int8,bfloat16+batch4)")
+                                                   "graph for the AR decode, '+compile' torch.compile (as "
+                                                   "--compile), e.g. "
+                                                   "float32+offload,bfloat16+int8,bfloat16+batch4,bfloat16+compile)")
     p.add_argument("--reference-dtype", default="float32", help="the reference's dtype ('none' skips it)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=2, help="measured runs per implementation; the fastest is kept "
@@ -340,11 +347,13 @@ def main(argv: list[str] | None = None) -> None:
     for variant in args.dtype.split(","):
         dt, *flags = variant.split("+")
         batch = [int(f[5:]) for f in flags if f.startswith("batch") and f[5:].isdigit() and int(f[5:]) > 0]
-        unknown = set(flags) - {"int8", "offload", "eager"} - {f"batch{b}" for b in batch}
+        unknown = set(flags) - {"int8", "offload", "eager", "compile"} - {f"batch{b}" for b in batch}
         if unknown:
-            raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, offload, eager, batchN (N >= 1)")
+            raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, offload, eager, compile, "
+                             "batchN (N >= 1)")
         variants.append((variant, dt, dict(int8="int8" in flags, offload="offload" in flags,
-                                           batch=batch[0] if batch else 1, eager="eager" in flags)))
+                                           batch=batch[0] if batch else 1, eager="eager" in flags,
+                                           compile="compile" in flags)))
     if args.model is None:
         from glmimage.cli import pick_device
         from glmimage.random_checkpoint import make_random_checkpoint

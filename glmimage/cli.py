@@ -45,6 +45,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 elsewhere), float32, bfloat16")
     p.add_argument("--offload", action="store_true", help="keep only the running stage resident (less memory)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only linears in the AR (faster decode)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks "
+                   "(the first image compiles, minutes on a CPU; faster from then on)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +67,8 @@ def load_pipeline(args):
     from glmimage.pipeline import Pipeline
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    return Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload, int8=args.int8)
+    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload, int8=args.int8)
+    return pipe.compile() if args.compile else pipe
 
 
 def cmd_generate(args, images=None) -> None:

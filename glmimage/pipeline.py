@@ -238,7 +238,14 @@ class Pipeline:
     vae = property(lambda self: self._get("vae"))
 
     def compile(self) -> "Pipeline":
-        """torch.compile the AR decode step and the DiT blocks (regional: one compiled graph reused 30x)."""
+        """torch.compile the AR decode step and the DiT blocks (regional: one compiled graph reused 30x).
+
+        On a CPU the decode step compiles with inductor's C++ wrapper, frozen weights and its own GEMV kernels
+        (`ar.CPU_COMPILE_OPTIONS`): the first image pays the compile (minutes on 2 cores), and frozen weights are
+        held a second time in packed form (more memory)."""
+        if self.offload and self.device.type == "cpu":
+            raise ValueError("compile() with offload=True on a CPU: offload reloads the AR for every image, and its "
+                             "compiled step (weights frozen in) would be rebuilt each time; use one or the other")
         self.compiled = True
         if "dit" in self._mods:
             for block in self.dit.transformer_blocks:

@@ -6,6 +6,7 @@ tiled decode), so memory stays bounded at any resolution.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,14 @@ class VAE:
     @classmethod
     def from_folder(cls, folder: Path, device, dtype) -> "VAE":
         from diffusers import AutoencoderKL
-        model = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype).to(device).eval()
+        # low_cpu_mem_usage needs accelerate (diffusers warns when it defaults to it without accelerate installed)
+        lazy = importlib.util.find_spec("accelerate") is not None
+        model = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=lazy)
+        model = model.to(device).eval()
+        if torch.device(device).type == "cpu":
+            # oneDNN's convolutions run fastest channels-last (measured here: bf16 decode at 256x256 2x faster,
+            # fp32 about the same)
+            model.to(memory_format=torch.channels_last)
         cfg = model.config
         mean = cfg.latents_mean if cfg.latents_mean is not None else [0.0] * cfg.latent_channels
         std = cfg.latents_std if cfg.latents_std is not None else [1.0] * cfg.latent_channels
@@ -39,20 +47,25 @@ class VAE:
         return self.model.dtype
 
     @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+
+    @property
     def device(self) -> torch.device:
         return self.model.device
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B,3,H,W] in [-1,1] -> normalised latents [B,C,H/8,W/8] (the posterior mode, not a sample)."""
-        z = self.model.encode(pixels.to(self.device, self.dtype)).latent_dist.mode()  # [B,C,h,w]
+        x = pixels.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        z = self.model.encode(x).latent_dist.mode()                                    # [B,C,h,w]
         return (z - self.mean.to(z)) / self.std.to(z)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """normalised latents [B,C,h,w] -> pixels [B,3,8h,8w] in [-1,1] (not clamped)."""
         z = latents.to(self.device, self.dtype)
-        z = z * self.std.to(z) + self.mean.to(z)                                        # [B,C,h,w]
+        z = (z * self.std.to(z) + self.mean.to(z)).contiguous(memory_format=self.memory_format)  # [B,C,h,w]
         if z.shape[-2] * z.shape[-1] * self.scale ** 2 > self.tile_pixels:
             # diffusers' tiled decode: 512 px tiles (64 latents) blended over a quarter-tile overlap
             m = self.model

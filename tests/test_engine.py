@@ -39,11 +39,20 @@ def test_fused_qkv_same_tokens_and_logits(debug_ckpt, pipe):
 
 
 @pytest.mark.slow
-def test_compiled_decode_matches_eager(pipe):
+def test_compiled_decode_matches_eager(debug_ckpt, pipe):
+    """The compiled step gives the eager tokens, for two models in turn: on a CPU it freezes the weights into the
+    compiled code, so each model must get its own (a second model must not run the first one's weights)."""
     req = pipe.prompt_tokenizer.t2i(PROMPT, 64, 64)
-    eager = generate_prior(pipe.ar, req.input_ids, [], req.target_grids, temperature=0)
-    compiled = generate_prior(pipe.ar, req.input_ids, [], req.target_grids, temperature=0, compile=True)
-    assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
+    other = _ar(debug_ckpt, True)
+    other.lm_head.weight.data.neg_()                                   # different weights, different tokens
+    seen = []
+    for model in (pipe.ar, other, pipe.ar):
+        for kw in (dict(temperature=0), dict(temperature=0.9, seed=5)):
+            eager = generate_prior(model, req.input_ids, [], req.target_grids, **kw)
+            compiled = generate_prior(model, req.input_ids, [], req.target_grids, compile=True, **kw)
+            assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
+            seen.append(eager[-1])
+    assert not torch.equal(seen[0], seen[2])
 
 
 def test_static_decode_step_matches_eager(pipe):

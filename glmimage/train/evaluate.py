@@ -4,7 +4,8 @@
     python -m glmimage.train.evaluate --model glmimage/assets/model --n 50 --out /tmp/oracle --oracle-tokens
 
 --oracle-tokens replaces the AR by the image tokenizer's ids of a ground-truth render of each prompt: the score
-is then the decoder's (+ VAE's) ceiling, which separates what the AR gets wrong from what the decoder does.
+is then the decoder's (+ VAE's) ceiling, which separates what the AR gets wrong from what the decoder does;
+--vae-roundtrip scores ground-truth renders passed through the VAE alone (the ceiling below that one).
 """
 from __future__ import annotations
 
@@ -31,15 +32,19 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = False):
+def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = False, vae_roundtrip: bool = False):
     from glmimage.eval_scenes import ground_truth_generate_fn
     from glmimage.pipeline import Pipeline
+    from glmimage.vae import pil_to_pixels, pixels_to_pil
     pipe = Pipeline.from_pretrained(model)
     size = pipe.native_size                          # model_index.json's "glmimage" entry, as are the grid factors
 
     render_truth = ground_truth_generate_fn(size)
 
     def generate(prompt: str, seed: int) -> Image.Image:
+        if vae_roundtrip:                            # the VAE's own ceiling: a ground-truth render encoded, decoded
+            return pixels_to_pil(pipe.vae.decode(pipe.vae.encode(pil_to_pixels(render_truth(prompt, seed),
+                                                                                size, size))))[0]
         prior = pipe.encode_references([render_truth(prompt, seed)])[0] if oracle_tokens else None
         return pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                     prior_token_ids=prior)[0]
@@ -73,17 +78,19 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--oracle-tokens", action="store_true",
                     help="decode the tokenizer's ids of a ground-truth render instead of the AR's (text-to-image only)")
+    ap.add_argument("--vae-roundtrip", action="store_true",
+                    help="score ground-truth renders passed through the VAE alone (its ceiling; text-to-image only)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from glmimage.eval_scenes import evaluate
-    pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens)
+    pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens, args.vae_roundtrip)
     t = time.perf_counter()
     generate(SAMPLE_PROMPTS[0], 0)
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
     if args.grid:
         sample_grid(generate, size, Path(args.grid))
-    report = evaluate(generate, args.n, args.seed, args.out, size=size, edit_fn=None if args.oracle_tokens else edit,
+    report = evaluate(generate, args.n, args.seed, args.out, size=size, edit_fn=None if args.oracle_tokens or args.vae_roundtrip else edit,
                       n_edit=args.n_edit)
     print(json.dumps(report["scores"], indent=1))
 
