@@ -444,8 +444,9 @@ _compiled: "weakref.WeakKeyDictionary[ARModel, Callable]" = weakref.WeakKeyDicti
 # Inductor settings for the decode step on a CPU, measured on the medium preset (2-core Sapphire Rapids, ms per token,
 # eager -> compiled, interleaved in one process): plain compile fp32 47 -> 39 (Python launches ~300 kernels a step);
 # `cpp_wrapper` (launched from C++) fp32 46 -> 32; + `freezing` and `max_autotune` (weights become constants, packed
-# once for inductor's own AVX-512/AMX GEMV kernels) fp32 44 -> 28, bf16 47 -> 17 (eager bf16 GEMVs run at 6 GB/s). Freezing keeps a packed copy of the linear
-# weights beside the module's (more memory) and bakes them in, hence one compiled step per model object.
+# once for inductor's own AVX-512/AMX GEMV kernels) fp32 44 -> 28, bf16 47 -> 17 (eager bf16 GEMVs run at 6 GB/s).
+# Freezing keeps a packed copy of the linear weights beside the module's (more memory) and bakes them in, hence one
+# compiled step per model object.
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": True,
                        "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0}
 

@@ -55,6 +55,11 @@ def test_compiled_decode_matches_eager(debug_ckpt, pipe):
     assert not torch.equal(seen[0], seen[2])
 
 
+def test_compile_refuses_cpu_offload(debug_ckpt):
+    with pytest.raises(ValueError, match="offload"):
+        Pipeline.from_pretrained(debug_ckpt, offload=True).compile()
+
+
 def test_static_decode_step_matches_eager(pipe):
     """The step a CUDA graph captures (static cache, mask, sampling and advance on the device), run eagerly here:
     the same tokens as the plain loop, sampled and greedy, for a left-padded batch too."""

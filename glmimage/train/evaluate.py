@@ -90,7 +90,8 @@ def main(argv=None) -> None:
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
     if args.grid:
         sample_grid(generate, size, Path(args.grid))
-    report = evaluate(generate, args.n, args.seed, args.out, size=size, edit_fn=None if args.oracle_tokens or args.vae_roundtrip else edit,
+    t2i_only = args.oracle_tokens or args.vae_roundtrip
+    report = evaluate(generate, args.n, args.seed, args.out, size=size, edit_fn=None if t2i_only else edit,
                       n_edit=args.n_edit)
     print(json.dumps(report["scores"], indent=1))
 
