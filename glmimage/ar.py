@@ -448,7 +448,8 @@ _compiled: "weakref.WeakKeyDictionary[ARModel, Callable]" = weakref.WeakKeyDicti
 # Freezing keeps a packed copy of the linear weights beside the module's (more memory) and bakes them in, hence one
 # compiled step per model object.
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": True,
-                       "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0}
+                       "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0,
+                       "max_autotune_report_choices_stats": False}
 
 
 def compiled_step(static: StaticDecode):
