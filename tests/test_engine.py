@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from glmimage import Pipeline, loading
 from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, generate_prior
@@ -53,6 +54,19 @@ def test_compiled_decode_matches_eager(debug_ckpt, pipe):
             assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
             seen.append(eager[-1])
     assert not torch.equal(seen[0], seen[2])
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_matches_eager(debug_ckpt, pipe):
+    """compile() end to end (on a CPU: the frozen decode step and the whole DiT frozen into one graph): the eager
+    pipeline's tokens and image, for text-to-image (CFG batched) and an edit (reference prefix, separate branches)."""
+    fast = Pipeline.from_pretrained(debug_ckpt).compile()
+    kw = dict(height=64, width=64, num_inference_steps=3, seed=1)
+    t2i = [np.asarray(p(PROMPT, **kw)[0], dtype=int) for p in (pipe, fast)]
+    ref = Image.fromarray(t2i[0].astype(np.uint8))
+    edit = [np.asarray(p("make the background cream", image=ref, **kw)[0], dtype=int) for p in (pipe, fast)]
+    assert np.abs(t2i[0] - t2i[1]).max() <= 1 and np.abs(edit[0] - edit[1]).max() <= 1
+    assert "velocity" in vars(fast.dit)                         # the DiT did go through the compiled path
 
 
 def test_compile_refuses_cpu_offload(debug_ckpt):

@@ -51,6 +51,27 @@ def test_checkpoint_and_outputs(runs, stage):
     assert (full / stage / "loss.png").exists()
 
 
+def test_decoder_object_weight(runs):
+    """The decoder's object-weighted loss: all-equal weights give the plain MSE (at any scale); weighing one code
+    more changes it."""
+    full, _ = runs
+    preset = get_preset("debug")
+    cache = torch.load(full / "decoder" / "cache.pt", weights_only=False)
+    dit, glyph = decoder.build_dit(preset, 0), decoder.build_glyph(preset, 0)
+    idx = [0, 1, 2, 3]
+    n_codes = len(ar.code_is_object(preset, full))
+
+    def loss(w):
+        return decoder.velocity_loss(dit, glyph, cache, idx, torch.Generator().manual_seed(0), 64, w)[0].item()
+
+    plain = loss(None)
+    assert loss(torch.ones(n_codes)) == pytest.approx(plain, rel=1e-5)
+    assert loss(torch.full((n_codes,), 3.0)) == pytest.approx(plain, rel=1e-5)
+    heavy = torch.ones(n_codes)
+    heavy[cache["ids"][0, 0]] = 10.0
+    assert loss(heavy) != pytest.approx(plain, rel=1e-3)
+
+
 def test_export_loads_and_generates(runs, tmp_path):
     from glmimage.pipeline import Pipeline
     from glmimage.train.export import export

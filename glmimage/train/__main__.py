@@ -29,7 +29,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this part at that step (checkpointed); --resume later continues the same schedule")
     p.add_argument("--object-weight", type=float, default=None,
-                   help="ar only: loss weight of object/text tokens vs background ones (default 4)")
+                   help="ar and decoder: loss weight of object/text regions vs background ones (default: ar 4, "
+                        "decoder 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
@@ -53,8 +54,8 @@ def run_train(args) -> None:
     fn = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
           "decoder": decoder.train}[args.stage]
     kwargs = {"object_weight": args.object_weight} if args.object_weight is not None else {}
-    if kwargs and args.stage != "ar":
-        raise ValueError("--object-weight applies to the ar stage only")
+    if kwargs and args.stage not in ("ar", "decoder"):
+        raise ValueError(f"--object-weight applies to the ar and decoder stages, not {args.stage}")
     log = fn(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
              stop_at=args.stop_after, **kwargs)
     if log:

@@ -13,6 +13,10 @@ Conditioning, as the pipeline feeds it:
   * 10% of samples are unconditional, exactly the pipeline's CFG negative branch: glyph of "", prior dropped,
     no reference prefix.
 
+object_weight (default 1: plain MSE) weighs the latent pixels under DiT tokens whose prior code the tokenizer labels
+as an object or text (ar.code_is_object) that much more than background ones: flat background dominates the
+latent, and shapes are what the decoder gets wrong.
+
 VAE latents and token ids are computed once for a fixed set of CACHE_SIZE examples (the VAE encoder is the
 expensive part on a CPU) and stored in DIR/decoder/cache.pt; step s reads a seeded permutation of that set.
 """
@@ -103,7 +107,8 @@ def vae_scale(vae) -> int:
 
 
 def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int], gen: torch.Generator,
-                  size: int) -> tuple[Tensor, dict]:
+                  size: int, weight_of_code: Tensor | None = None) -> tuple[Tensor, dict]:
+    """weight_of_code: [n_codes] loss weight of the latent pixels under each prior code (None: plain MSE)."""
     B = len(idx)
     x0 = cache["latents"][idx].float()                                          # [B, C, h, w]
     ids = cache["ids"][idx]                                                     # [B, N]
@@ -139,12 +144,19 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
         mask = text_key_mask(txt_len[g], txt.shape[1], grid[0] * grid[1], ref_kv)  # hide each text's padding
         ctx = Context(txt[g], prior[g], rope, ref_kv, mask, txt_len[g])
         v = v.index_put((g,), dit.velocity(xt[g], ctx, vec[g]).float())
-    loss = F.mse_loss(v, target)
-    return loss, {"edit_frac": len(with_ref) / B}
+    if weight_of_code is None:
+        return F.mse_loss(v, target), {"edit_frac": len(with_ref) / B}
+    w = weight_of_code[ids].view(B, 1, *grid)                                  # [B, 1, gh, gw] per DiT token
+    w = w.repeat_interleave(p, 2).repeat_interleave(p, 3)                       # [B, 1, h, w] per latent pixel
+    err = (v - target).pow(2)                                                   # [B, C, h, w]
+    loss = (err * w).sum() / (w.sum() * err.shape[1])                           # = MSE when every weight is 1
+    return loss, {"edit_frac": len(with_ref) / B, "mse": err.mean().detach()}
 
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
-          seed: int = 0, progress: bool = True, stop_at: int | None = None) -> list[dict]:
+          seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float = 1.0) -> list[dict]:
+    """object_weight: loss weight of object/text regions vs background (the shipped model: 1.0 for 9000 steps,
+    then 4.0 on --resume; see the model card)."""
     cfg = preset.stages["decoder"]
     steps = steps or cfg.steps
     cache_path = Path(out) / "decoder" / "cache.pt"
@@ -157,12 +169,16 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     glyph = build_glyph(preset, seed)
     dit = build_dit(preset, seed)
     per_epoch = n // cfg.batch
+    weight_of_code = None
+    if object_weight != 1:
+        from glmimage.train.ar import code_is_object
+        weight_of_code = 1 + (object_weight - 1) * code_is_object(preset, out).float()
 
     def step_fn(step: int, gen: torch.Generator):
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7777 + epoch))
         idx = perm[k * cfg.batch:(k + 1) * cfg.batch].tolist()
-        return velocity_loss(dit, glyph, cache, idx, gen, preset.image_size)
+        return velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, weight_of_code)
 
     return train_loop("decoder", out, {"dit": dit, "glyph": glyph.t5}, list(dit.parameters()), step_fn, cfg, seed,
-                      steps, resume, progress=progress, stop_at=stop_at)
+                      steps, resume, plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at)
