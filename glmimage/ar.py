@@ -452,12 +452,6 @@ CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": Tr
                        "max_autotune_report_choices_stats": False}
 
 
-# The DiT on a CPU (medium preset, fp32, 256², CFG batch 2, s per step): eager 0.83, regional compile (blocks) 0.72,
-# the whole velocity compiled with `freezing` 0.50 (packed GEMMs; 80 s to compile); `cpp_wrapper` added 60 s of
-# compile for nothing and `max_autotune` 130 s for 0.56-0.67 (slower).
-DIT_CPU_COMPILE_OPTIONS = {"freezing": True}
-
-
 def cpu_compile(fn: Callable, options: dict) -> Callable:
     """torch.compile(fn) for a CPU with inductor `options` patched around every call, not passed as
     torch.compile(options=...): inductor reads `freezing` outside those options (measured: with options= the weights

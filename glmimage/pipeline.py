@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from glmimage import loading
-from glmimage.ar import AR_KEY_PREFIXES, DIT_CPU_COMPILE_OPTIONS, ARConfig, ARModel, cpu_compile, generate_prior, sync
+from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, cpu_compile, generate_prior, sync
+from glmimage.dit import CPU_COMPILE_OPTIONS as DIT_CPU_COMPILE_OPTIONS
 from glmimage.dit import DiT, DiTConfig
 from glmimage.glyph import GlyphEncoder
 from glmimage.prompt import PromptTokenizer, collate
@@ -240,7 +241,7 @@ class Pipeline:
         """torch.compile the AR decode step and the DiT (on an accelerator its blocks: one graph reused 30x).
 
         On a CPU the decode step compiles with inductor's C++ wrapper, frozen weights and its own GEMV kernels
-        (`ar.CPU_COMPILE_OPTIONS`), and the DiT's whole velocity with frozen weights (`ar.DIT_CPU_COMPILE_OPTIONS`):
+        (`ar.CPU_COMPILE_OPTIONS`), and the DiT's whole velocity with frozen weights (`dit.CPU_COMPILE_OPTIONS`):
         the first image of each size pays the compile (minutes on 2 cores; an on_preview decode is one more size),
         and frozen weights are held a second time in packed form (more memory)."""
         if self.offload and self.device.type == "cpu":
@@ -252,7 +253,7 @@ class Pipeline:
         return self
 
     def _compile_dit(self, dit: DiT) -> None:
-        if self.device.type == "cpu":       # one graph, weights frozen in: 0.72 -> 0.50 s per step (ar.py's note)
+        if self.device.type == "cpu":       # one graph, weights frozen in: 0.72 -> 0.50 s per step (dit.py's note)
             dit.velocity = cpu_compile(dit.velocity, DIT_CPU_COMPILE_OPTIONS)
         else:                               # regional: one compiled block reused 30x
             for block in dit.transformer_blocks:
