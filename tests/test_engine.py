@@ -198,9 +198,14 @@ def test_bench_runs_both_sides_and_reports(debug_ckpt, tmp_path):
     from glmimage.bench import main
     out = tmp_path / "bench.json"
     main(["--model", str(debug_ckpt), "--height", "64", "--width", "64", "--steps", "2", "--warmup", "0",
-          "--repeat", "1", "--device", "cpu", "--dtype", "float32,float32+batch2+offload", "--out", str(out)])
+          "--repeat", "1", "--device", "cpu", "--dtype", "float32,float32+batch2+offload", "--bracket",
+          "--out", str(out)])
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"reference-float32", "glmimage-float32", "glmimage-float32+batch2+offload"}
+    before, after = report["results"]["reference-float32"]["totals_before_after"]      # --bracket: ran twice
+    assert 0 < report["results"]["reference-float32"]["stages"]["total"] == min(before, after)
+    floors = [report["results"][k]["floor"] for k in ("glmimage-float32", "glmimage-float32+batch2+offload")]
+    assert floors[0]["matmul_flops"] == floors[1]["matmul_flops"]     # the machine's best rate, not each worker's
     for r in report["results"].values():
         assert r["stages"]["total"] > 0 and r["stages"]["ar_decode_tokens_per_s"] > 0 and r["peak_rss_gb"] > 0
     ours, batch = report["comparisons"]["glmimage-float32"], report["comparisons"]["glmimage-float32+batch2+offload"]
