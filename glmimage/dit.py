@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 ROPE_THETA = 10000.0
 # Inductor settings for `Pipeline.compile()` on a CPU, where the whole velocity is one compiled graph (ar.cpu_compile).
-# Medium preset, fp32, 256², CFG batch 2, s per step: eager 0.83, blocks compiled one by one 0.72, whole velocity
-# with `freezing` (weights become constants: packed GEMMs) 0.50, 80 s to compile; adding `cpp_wrapper` cost 60 s more
-# compile for nothing, `max_autotune` 130 s more for 0.56-0.67.
+# benchmarks/dit_step.py, medium preset, fp32, 256², CFG batch 2, s per step: eager 0.71, blocks compiled one by one
+# 0.72, whole velocity 0.61, whole with `freezing` (weights become constants: packed GEMMs) 0.50, 86 s to compile and
+# 0.8 GB more RSS; adding `cpp_wrapper` cost 60 s more compile for nothing, `max_autotune` 130 s more for 0.56-0.67.
 CPU_COMPILE_OPTIONS = {"freezing": True}
 KV = tuple[Tensor, Tensor]  # one layer's (k, v), each [B, S, nh, hd], post-QK-LN and post-RoPE
 
