@@ -45,7 +45,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 elsewhere), float32, bfloat16")
     p.add_argument("--offload", action="store_true", help="keep only the running stage resident (less memory)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only linears in the AR (faster decode)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks "
+    p.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT "
                    "(the first image compiles, minutes on a CPU; faster from then on)")
 
 
