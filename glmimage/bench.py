@@ -387,15 +387,15 @@ def main(argv: list[str] | None = None) -> None:
         args.model = str(cache)
     tmp = Path(tempfile.mkdtemp(prefix="glmimage-bench-"))
     results, tokens = {}, None
+    ref_name = f"reference-{args.reference_dtype}"
     if args.reference_dtype != "none":
         ref = spawn(args, "reference", args.reference_dtype, tmp / "reference.json")
         if "grid" in ref:
             tokens = tmp / "reference_tokens.json"
             tokens.write_text(json.dumps(ref["grid"]))
-        results[f"reference-{args.reference_dtype}"] = ref
+        results[ref_name] = ref
     for variant, dt, flags in variants:
         results[f"glmimage-{variant}"] = spawn(args, "ours", dt, tmp / f"ours-{variant}.json", tokens, **flags)
-    ref_name = f"reference-{args.reference_dtype}"
     if args.bracket and "stages" in results.get(ref_name, {}):
         after = spawn(args, "reference", args.reference_dtype, tmp / "reference-after.json")
         totals = [results[ref_name]["stages"]["total"], after["stages"]["total"] if "stages" in after else None]
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
               "prompt": PROMPT, "results": results, "comparisons": {}}
     ok = {k: r for k, r in results.items() if "error" not in r}
     best_floor_rates(ok, {f"glmimage-{v}": dt for v, dt, _ in variants})
-    ref_key = next((k for k in ok if k.startswith("reference")), None)
+    ref_key = ref_name if ref_name in ok else None
     fp32_key = "glmimage-float32" if "glmimage-float32" in ok else None
     for k, r in ok.items():
         if not k.startswith("glmimage"):

@@ -88,6 +88,11 @@ def code_is_object(preset: TrainPreset, run_dir: Path) -> Tensor:
         return heads.label(post_quant(vq, e)).argmax(-1) >= NUM_BACKGROUND_LABELS
 
 
+def weight_of_code(preset: TrainPreset, run_dir: Path, object_weight: float) -> Tensor:
+    """[n_codes] loss weight per code: object_weight for object/text codes, 1 for background ones."""
+    return 1 + (object_weight - 1) * code_is_object(preset, run_dir).float()
+
+
 def sequence(cfg: ARConfig, pt: PromptTokenizer, example: dict, grids: dict, size: int,
              object_weight: Tensor | None = None) -> tuple[Tensor, ...]:
     """One example -> (ids [L], positions [3, L], targets [L] (-100 = no loss), weights [L]).
@@ -159,7 +164,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
     source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
     S = preset.image_size
-    weight_of_code = 1 + (object_weight - 1) * code_is_object(preset, out).float()
+    code_weights = weight_of_code(preset, out, object_weight)
 
     def step_fn(step: int, gen: torch.Generator):
         ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)]
@@ -170,7 +175,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         items = []
         for e, g in zip(ex, grids[:len(images)]):
             gd = {"image": g} if e["kind"] == "t2i" else {"target": g, "source": next(src_iter)}
-            items.append(sequence(model.cfg, pt, e, gd, S, weight_of_code))
+            items.append(sequence(model.cfg, pt, e, gd, S, code_weights))
         loss, metrics = ar_loss(model, *collate(items, pt.pad_id))
         return loss, metrics
 

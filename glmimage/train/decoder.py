@@ -107,8 +107,8 @@ def vae_scale(vae) -> int:
 
 
 def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int], gen: torch.Generator,
-                  size: int, weight_of_code: Tensor | None = None) -> tuple[Tensor, dict]:
-    """weight_of_code: [n_codes] loss weight of the latent pixels under each prior code (None: plain MSE)."""
+                  size: int, code_weights: Tensor | None = None) -> tuple[Tensor, dict]:
+    """code_weights: [n_codes] loss weight of the latent pixels under each prior code (None: plain MSE)."""
     B = len(idx)
     x0 = cache["latents"][idx].float()                                          # [B, C, h, w]
     ids = cache["ids"][idx]                                                     # [B, N]
@@ -144,9 +144,9 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
         mask = text_key_mask(txt_len[g], txt.shape[1], grid[0] * grid[1], ref_kv)  # hide each text's padding
         ctx = Context(txt[g], prior[g], rope, ref_kv, mask, txt_len[g])
         v = v.index_put((g,), dit.velocity(xt[g], ctx, vec[g]).float())
-    if weight_of_code is None:
+    if code_weights is None:
         return F.mse_loss(v, target), {"edit_frac": len(with_ref) / B}
-    w = weight_of_code[ids].view(B, 1, *grid)                                  # [B, 1, gh, gw] per DiT token
+    w = code_weights[ids].view(B, 1, *grid)                                    # [B, 1, gh, gw] per DiT token
     w = w.repeat_interleave(p, 2).repeat_interleave(p, 3)                       # [B, 1, h, w] per latent pixel
     err = (v - target).pow(2)                                                   # [B, C, h, w]
     loss = (err * w).sum() / (w.sum() * err.shape[1])                           # = MSE when every weight is 1
@@ -169,16 +169,16 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     glyph = build_glyph(preset, seed)
     dit = build_dit(preset, seed)
     per_epoch = n // cfg.batch
-    weight_of_code = None
+    code_weights = None
     if object_weight != 1:
-        from glmimage.train.ar import code_is_object
-        weight_of_code = 1 + (object_weight - 1) * code_is_object(preset, out).float()
+        from glmimage.train.ar import weight_of_code
+        code_weights = weight_of_code(preset, out, object_weight)
 
     def step_fn(step: int, gen: torch.Generator):
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7777 + epoch))
         idx = perm[k * cfg.batch:(k + 1) * cfg.batch].tolist()
-        return velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, weight_of_code)
+        return velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, code_weights)
 
     return train_loop("decoder", out, {"dit": dit, "glyph": glyph.t5}, list(dit.parameters()), step_fn, cfg, seed,
                       steps, resume, plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at)
