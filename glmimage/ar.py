@@ -439,7 +439,8 @@ class StaticDecode:
         self.i.add_(1)
 
 
-_compiled: "weakref.WeakKeyDictionary[ARModel, Callable]" = weakref.WeakKeyDictionary()
+_frozen: "weakref.WeakKeyDictionary[ARModel, Callable]" = weakref.WeakKeyDictionary()
+_shared: dict[str, Callable] = {}
 
 # Inductor settings for the decode step on a CPU, measured on the medium preset (2-core Sapphire Rapids, ms per token,
 # eager -> compiled, interleaved in one process): plain compile fp32 47 -> 39 (Python launches ~300 kernels a step);
@@ -450,6 +451,9 @@ _compiled: "weakref.WeakKeyDictionary[ARModel, Callable]" = weakref.WeakKeyDicti
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": True,
                        "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0,
                        "max_autotune_report_choices_stats": False}
+# Without freezing the weights stay inputs of the compiled code: one compiled step serves every model object of the
+# same shapes and dtype (offload reads the AR from disk again for each image) and no packed copy is held.
+CPU_SHARED_OPTIONS = {"cpp_wrapper": True}
 
 
 def cpu_compile(fn: Callable, options: dict) -> Callable:
@@ -465,13 +469,19 @@ def cpu_compile(fn: Callable, options: dict) -> Callable:
     return call
 
 
-def compiled_step(static: StaticDecode):
-    """torch.compile'd StaticDecode.step, one per model (recompiles only on new shapes)."""
-    cpu = static.out.device.type == "cpu"
-    if static.model not in _compiled:
-        _compiled[static.model] = (cpu_compile(StaticDecode.step, CPU_COMPILE_OPTIONS) if cpu
-                                   else torch.compile(StaticDecode.step, dynamic=False))
-    fn = _compiled[static.model]
+def compiled_step(static: StaticDecode, freeze: bool = True):
+    """torch.compile'd StaticDecode.step (recompiles only on new shapes). freeze (CPU only): weights frozen in, one
+    compiled step per model object; otherwise one compiled step shared by every model object."""
+    device = static.out.device.type
+    if device == "cpu" and freeze:
+        if static.model not in _frozen:
+            _frozen[static.model] = cpu_compile(StaticDecode.step, CPU_COMPILE_OPTIONS)
+        fn = _frozen[static.model]
+    else:
+        if device not in _shared:
+            _shared[device] = (cpu_compile(StaticDecode.step, CPU_SHARED_OPTIONS) if device == "cpu"
+                               else torch.compile(StaticDecode.step, dynamic=False))
+        fn = _shared[device]
     return lambda: fn(static)
 
 
@@ -501,7 +511,8 @@ def sync(device: torch.device) -> None:
 def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
                    target_grids: list[tuple[int, int]], *, temperature: float = 0.9, top_k: int | None = 50,
                    top_p: float | None = 0.75, seed: int | list[int] | None = None,
-                   attention_mask: Tensor | None = None, compile: bool = False, cuda_graph: bool = False,
+                   attention_mask: Tensor | None = None, compile: bool = False, freeze: bool = True,
+                   cuda_graph: bool = False,
                    on_grid: Callable[[int, Tensor], None] | None = None,
                    timings: dict | None = None) -> list[Tensor]:
     """Sample one (B, h, w) grid of VQ ids per target grid, in generation order (t2i: [preview, large]; i2i: [large]).
@@ -511,7 +522,9 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     seed: a CPU generator draws one uniform per generated token up front, so a seed gives the same tokens on any
     device (up to logit rounding); a list gives row b its own generator (seed[b]: row b then samples what it would
     alone with that seed); None draws from torch's global CPU generator. temperature=0 is greedy.
-    compile: run the decode step through torch.compile (static shapes: the whole cache with a mask).
+    compile: run the decode step through torch.compile (static shapes: the whole cache with a mask). freeze (CPU):
+    weights frozen into it (faster, a packed copy held per model object) or left as inputs (one compiled step for
+    every model object of these shapes: an AR read from disk again reuses it).
     cuda_graph: run the decode step on static buffers (`StaticDecode`), captured as one CUDA graph replayed per
     token on a CUDA device (elsewhere the same step runs eagerly: the work the graph holds, testable anywhere).
     on_grid(k, grid (B, h, w)) runs as soon as target grid k is complete (t2i: the preview, before the large grid).
@@ -537,7 +550,7 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     step = None
     if compile or cuda_graph:
         static = StaticDecode(model, req, u, out, temperature, top_k, top_p)
-        step = compiled_step(static) if compile else static.step
+        step = compiled_step(static, freeze) if compile else static.step
         if cuda_graph and device.type == "cuda" and req.n_new > 1:
             # the warm-up run fed token 0 and wrote token 1; rewind i (the replays rewrite the same slots)
             step = capture_graph(step)

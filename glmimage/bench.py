@@ -2,8 +2,9 @@
 
 Both run on the same official-layout checkpoint with the same prompt, seed and sampling settings, each in a
 fresh process, and report per stage (AR prefill, AR decode tokens/s, glyph, DiT per step, VAE) and end to end,
-plus peak memory (RSS on CPU, max allocated on an accelerator). The machine's own floor is measured first
-(matmul rate and weight-streaming bandwidth), and each stage's distance to it is reported.
+plus peak memory (RSS on CPU: the whole process's, and on Linux the measured runs' alone, after the warm-up; max
+allocated on an accelerator). The machine's own floor is measured first (matmul rate and weight-streaming
+bandwidth), and each stage's distance to it is reported.
 
     glmimage bench --preset medium                     # random checkpoint with the official depths, CPU fp32
     glmimage bench --preset medium --dtype bfloat16    # ours in bf16 vs the reference's best CPU setting (fp32)
@@ -32,9 +33,24 @@ PROMPT = "a large red circle at the top left and a small blue square at the bott
          "written at the middle, on a white background."
 
 
-def peak_memory(device: torch.device) -> dict:
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM; Linux only; False elsewhere), so that peak_memory(measured=True)
+    also gives the peak of the runs after this call alone: the warm-up's one-time costs (a compile) excluded."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device: torch.device, measured: bool = False) -> dict:
+    """peak_rss_gb: the whole process's peak; measured: also the peak since reset_peak_rss()."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
     out = {"peak_rss_gb": rss / 1e9}
+    if measured:
+        with open("/proc/self/status") as f:
+            out["peak_rss_measured_gb"] = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) * 1024 / 1e9
     if device.type == "cuda":
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
         out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
@@ -204,9 +220,10 @@ def worker_reference(args, device, dtype) -> dict:
 
     for _ in range(args.warmup):
         run()
+    measured = reset_peak_rss()
     image, grid, stages, n_new = min((run() for _ in range(args.repeat)), key=lambda r: r[2]["total"])
     return {"impl": "reference (diffusers GlmImagePipeline + transformers)", "load_s": load_s, "stages": stages,
-            "ar_new_tokens": n_new, "grid": grid.tolist(), "image": image}
+            "ar_new_tokens": n_new, "grid": grid.tolist(), "image": image, **peak_memory(device, measured)}
 
 
 def worker_ours(args, device, dtype) -> dict:
@@ -234,12 +251,13 @@ def worker_ours(args, device, dtype) -> dict:
 
     for _ in range(args.warmup):
         run()
+    measured = reset_peak_rss()
     image, stages = min((run() for _ in range(args.repeat)), key=lambda r: r[1]["total"])
     impl = (f"glmimage ({dtype}{', int8 AR' if args.int8 else ''}{', offload' if args.offload else ''}"
             f"{', no CUDA graph' if args.eager and device.type == 'cuda' else ''}{', compiled' if args.compile else ''}"
             f"{f', batch of {args.batch}' if args.batch > 1 else ''})")
     out = {"impl": impl, "load_s": load_s, "stages": stages, "image": image, "batch": args.batch,
-           "grid": stages.pop("grid"), **peak_memory(device)}    # before the floor probe allocates its own
+           "grid": stages.pop("grid"), **peak_memory(device, measured)}    # before the floor probe allocates its own
     n_new = stages.get("ar_new_tokens", 0)
     floor = measure_floor(device, dtype, pipe.dit.cfg.num_attention_heads * pipe.dit.cfg.attention_head_dim,
                           (args.height // 16) * (args.width // 16))
@@ -260,7 +278,6 @@ def worker_main(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = (worker_reference if args.worker == "reference" else worker_ours)(args, device, dtype)
-    result = {**peak_memory(device), **result}
     result["device"] = machine_name(device)
     out = Path(args.json_out)
     for key in ("image", "image_from_reference_tokens"):
@@ -319,7 +336,8 @@ def table(results: dict) -> str:
         vals = [results[n]["stages"].get(r) for n in names]
         lines.append(f"{r:<24}" + "".join(f"{v:>22.3f}" if isinstance(v, (int, float)) else f"{'-':>22}"
                                           for v in vals))
-    lines.append(f"{'peak_rss_gb':<24}" + "".join(f"{results[n]['peak_rss_gb']:>22.2f}" for n in names))
+    for key in ("peak_rss_gb", "peak_rss_measured_gb"):
+        lines.append(f"{key:<24}" + "".join(f"{results[n].get(key, float('nan')):>22.2f}" for n in names))
     if any("peak_allocated_gb" in results[n] for n in names):
         lines.append(f"{'peak_allocated_gb':<24}" + "".join(
             f"{results[n].get('peak_allocated_gb', float('nan')):>22.2f}" for n in names))
@@ -423,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
             cmp["speedup_ar_decode"] = s["ar_decode_tokens_per_s"] / rs["ar_decode_tokens_per_s"]
             cmp["speedup_dit"] = rs["dit"] / s["dit"]
             cmp["peak_rss_ratio"] = r["peak_rss_gb"] / results[ref_key]["peak_rss_gb"]
+            if "peak_rss_measured_gb" in r and "peak_rss_measured_gb" in results[ref_key]:
+                cmp["peak_rss_measured_ratio"] = r["peak_rss_measured_gb"] / results[ref_key]["peak_rss_measured_gb"]
             if "peak_allocated_gb" in r and "peak_allocated_gb" in results[ref_key]:
                 cmp["peak_allocated_ratio"] = r["peak_allocated_gb"] / results[ref_key]["peak_allocated_gb"]
             if "image_from_reference_tokens" in r:

@@ -1,8 +1,11 @@
 """Reading the official checkpoint layout: hub ids, config files and safetensors (single or sharded).
 
 Models are built on the meta device and their weights assigned straight from the file (already cast to the
-target dtype and device), so a weight is never held twice. Key matching is strict: a checkpoint that does not
-fit the architecture fails with the missing and unexpected keys named.
+target dtype and device), so a weight is never held twice: a tensor used as stored on the CPU is a view of the
+memory-mapped file (pages are read when touched: an embedding's unused rows cost nothing); one that is cast or
+moved to an accelerator is read with plain file I/O into its new copy, so the file's pages never add to the
+process's memory. Key matching is strict: a checkpoint that does not fit the architecture fails with the missing
+and unexpected keys named.
 """
 from __future__ import annotations
 
@@ -50,6 +53,36 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
+
+
+def safetensors_header(file: Path) -> tuple[int, dict]:
+    """(offset of the data section, {key: {"dtype", "shape", "data_offsets"}}) of one safetensors file."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")        # the format: u64 header length, JSON header, data
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def read_tensor(fh, data_start: int, info: dict) -> torch.Tensor:
+    """One tensor read from an open safetensors file with plain file I/O (no memory map)."""
+    begin, end = info["data_offsets"]
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"unsupported safetensors dtype {info['dtype']}; supported: {sorted(SAFETENSORS_DTYPES)}")
+    if end == begin:
+        return torch.empty(info["shape"], dtype=dtype)
+    buf = bytearray(end - begin)
+    fh.seek(data_start + begin)
+    if fh.readinto(buf) != len(buf):
+        raise ValueError(f"{fh.name}: truncated tensor data")
+    return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
 def load_weights(module: nn.Module, folder: Path, prefixes: dict[str, str] | None = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  skip_prefixes: tuple[str, ...] = ()) -> nn.Module:
@@ -66,8 +99,11 @@ def load_weights(module: nn.Module, folder: Path, prefixes: dict[str, str] | Non
     unexpected: list[str] = []
     dev = torch.device(device)
     for file in safetensors_files(folder):
-        # safe_open on CPU memory-maps the file: tensors are read one at a time and moved straight on
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        # safe_open on CPU memory-maps the file: tensors kept as stored are views of it; the ones cast or moved
+        # are read through `fh` instead, so their source pages are never mapped (they would stay resident
+        # beside the copy for as long as any view of the file lives)
+        data_start, header = safetensors_header(file)
+        with safe_open(str(file), framework="pt", device="cpu") as f, open(file, "rb") as fh:
             for key in f.keys():
                 if key.startswith(skip_prefixes):
                     continue
@@ -81,10 +117,10 @@ def load_weights(module: nn.Module, folder: Path, prefixes: dict[str, str] | Non
                 if name not in expected:
                     unexpected.append(key)
                     continue
-                t = f.get_tensor(key)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                state[name] = t.to(dev)
+                stored = SAFETENSORS_DTYPES.get(header[key]["dtype"])
+                cast = dtype is not None and stored is not None and stored.is_floating_point and stored != dtype
+                t = read_tensor(fh, data_start, header[key]) if cast or dev.type != "cpu" else f.get_tensor(key)
+                state[name] = (t.to(dtype) if cast else t).to(dev)
     missing = sorted(expected - set(state))
     if missing or unexpected:
         def show(keys):

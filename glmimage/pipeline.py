@@ -13,6 +13,7 @@ Stages, in order (each a plain call you can run alone):
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
 from contextlib import contextmanager
@@ -109,6 +110,13 @@ class SamplingDefaults:
     temperature: float = 0.9
     top_p: float = 0.75
     top_k: int = 50            # transformers applies top_k=50 when generation_config.json sets none
+
+
+@functools.cache
+def _shared_velocity() -> Callable:
+    """DiT.velocity compiled with the weights as inputs: one compiled function for every DiT object of the same
+    shapes and dtype (offload on a CPU reads the DiT from disk again for each image)."""
+    return torch.compile(DiT.velocity, dynamic=False)
 
 
 class Pipeline:
@@ -243,21 +251,22 @@ class Pipeline:
         On a CPU the decode step compiles with inductor's C++ wrapper, frozen weights and its own GEMV kernels
         (`ar.CPU_COMPILE_OPTIONS`), and the DiT's whole velocity with frozen weights (`dit.CPU_COMPILE_OPTIONS`):
         the first image of each size pays the compile (minutes on 2 cores; an on_preview decode is one more size),
-        and frozen weights are held a second time in packed form (more memory)."""
-        if self.offload and self.device.type == "cpu":
-            raise ValueError("compile() with offload=True on a CPU: offload reloads the AR for every image, and its "
-                             "compiled step (weights frozen in) would be rebuilt each time; use one or the other")
+        and frozen weights are held a second time in packed form (more memory). With offload on a CPU nothing is
+        frozen: the weights stay inputs of the compiled code, so the stages read from disk again for each image
+        reuse it (slower steps than frozen, no packed copies)."""
         self.compiled = True
         if "dit" in self._mods:
             self._compile_dit(self.dit)
         return self
 
     def _compile_dit(self, dit: DiT) -> None:
-        if self.device.type == "cpu":       # one graph, weights frozen in: 0.71 -> 0.50 s per step (dit.py)
-            dit.velocity = cpu_compile(dit.velocity, DIT_CPU_COMPILE_OPTIONS)
-        else:                               # regional: one compiled block reused 30x
+        if self.device.type != "cpu":       # regional: one compiled block reused 30x
             for block in dit.transformer_blocks:
                 block.compile()
+        elif not self.offload:              # one graph, weights frozen in: 0.71 -> 0.50 s per step (dit.py)
+            dit.velocity = cpu_compile(dit.velocity, DIT_CPU_COMPILE_OPTIONS)
+        # offload on a CPU: _denoise calls _shared_velocity() with the DiT as an argument (an attribute referring
+        # back to the DiT would be a reference cycle, holding each released DiT until the garbage collector runs)
 
     # ------------------------------------------------------------------------------------------------------
     def check_size(self, height: int, width: int) -> tuple[int, int]:
@@ -350,7 +359,7 @@ class Pipeline:
             grids = generate_prior(ar, input_ids.to(self.device), reqs[0].ref_grids, reqs[0].target_grids,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds,
                                    attention_mask=mask.to(self.device) if B > 1 else None,
-                                   compile=self.compiled, timings=timings,
+                                   compile=self.compiled, freeze=not self.offload, timings=timings,
                                    cuda_graph=self.cuda_graph and self.device.type == "cuda",
                                    on_grid=None if on_grid is None else
                                    lambda k, g: on_grid(k, g[0] if single else g))
@@ -470,10 +479,13 @@ class Pipeline:
         n = len(timesteps)
         mods = dit.modulation(dit.embed_vec(timesteps.to(self.device), size.expand(n, 2), crop.expand(n, 2)))
 
+        shared = self.compiled and self.offload and self.device.type == "cpu"
+        forward = functools.partial(_shared_velocity(), dit) if shared else dit.velocity
+
         def velocity(x: torch.Tensor, i: int, cond: bool | None) -> torch.Tensor:
             mod = type(mods)([m[i:i + 1] for m in mods.blocks], mods.out[i:i + 1])
             ctx = ctx_cfg if cond is None else ctx_c if cond else ctx_u
-            return dit.velocity(x, ctx, mod=mod).float()
+            return forward(x, ctx, mod=mod).float()
 
         return denoise(velocity, noise.to(self.device), timesteps, sigmas, guidance, callback=callback,
                        batch_cfg=batch_cfg)

@@ -1,8 +1,11 @@
 """The fast engine keeps the numbers: fused/compiled/quantized/offloaded paths against the plain ones."""
+import weakref
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 from glmimage import Pipeline, loading
 from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, generate_prior
@@ -69,9 +72,26 @@ def test_compiled_pipeline_matches_eager(debug_ckpt, pipe):
     assert "velocity" in vars(fast.dit)                         # the DiT did go through the compiled path
 
 
-def test_compile_refuses_cpu_offload(debug_ckpt):
-    with pytest.raises(ValueError, match="offload"):
-        Pipeline.from_pretrained(debug_ckpt, offload=True).compile()
+def test_compile_with_offload_on_cpu(debug_ckpt, pipe):
+    """compile() with offload on a CPU: the weights stay inputs of the compiled code, so the stages read from disk
+    again for the next image reuse it (no new graph), each stage is freed as soon as it is released (no reference
+    cycle left for the garbage collector), and the image is the eager pipeline's."""
+    fast = Pipeline.from_pretrained(debug_ckpt, offload=True).compile()
+    kw = dict(height=64, width=64, num_inference_steps=3, seed=1)
+    want = np.asarray(pipe(PROMPT, **kw)[0], dtype=int)
+    loaded, load = [], fast._load
+
+    def tracked(name, device):
+        m = load(name, device)
+        loaded.append(weakref.ref(m))
+        return m
+    fast._load = tracked
+    got = np.asarray(fast(PROMPT, **kw)[0], dtype=int)                  # compiles
+    graphs = counters["stats"]["unique_graphs"]
+    again = np.asarray(fast(PROMPT, **kw)[0], dtype=int)                # new module objects, the same graphs
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert len(loaded) == 8 and all(r() is None for r in loaded)
+    assert np.abs(got - want).max() <= 1 and np.array_equal(got, again)
 
 
 def test_static_decode_step_matches_eager(pipe):
@@ -208,6 +228,7 @@ def test_bench_runs_both_sides_and_reports(debug_ckpt, tmp_path):
     assert floors[0]["matmul_flops"] == floors[1]["matmul_flops"]     # the machine's best rate, not each worker's
     for r in report["results"].values():
         assert r["stages"]["total"] > 0 and r["stages"]["ar_decode_tokens_per_s"] > 0 and r["peak_rss_gb"] > 0
+        assert 0 < r["peak_rss_measured_gb"] <= r["peak_rss_gb"]         # after the warm-up, within the process's
     ours, batch = report["comparisons"]["glmimage-float32"], report["comparisons"]["glmimage-float32+batch2+offload"]
     assert ours["image_vs_reference_same_tokens"]["max_abs"] <= 2
     assert ours["speedup_end_to_end"] > 0 and ours["dit_over_floor"] > 0 and 0 < ours["ar_decode_linears_share"]

@@ -92,3 +92,22 @@ def test_not_a_checkpoint_folder(tmp_path):
         loading.resolve(tmp_path)
     with pytest.raises(ValueError, match="hub id"):
         loading.resolve(tmp_path / "does" / "not" / "exist")
+
+
+def test_read_tensor_matches_safetensors(tmp_path):
+    """The plain-I/O reader (for tensors that are cast or moved to an accelerator, so the file is never mapped for
+    them) gives safetensors' own tensors, for every dtype, empty and 0-d ones included."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    tensors = {"f32": x, "bf16": x.bfloat16(), "f16": x.half(), "f64": x.double(), "f8": x.to(torch.float8_e4m3fn),
+               "i64": torch.arange(7), "i8": torch.arange(-3, 3, dtype=torch.int8), "bool": x > 0,
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    file = tmp_path / "t.safetensors"
+    save_file(tensors, str(file))
+    start, header = loading.safetensors_header(file)
+    with open(file, "rb") as fh, safe_open(str(file), framework="pt") as f:
+        for k in tensors:
+            got, want = loading.read_tensor(fh, start, header[k]), f.get_tensor(k)
+            assert got.dtype == want.dtype and got.shape == want.shape, k
+            assert torch.equal(got.double(), want.double()), k
