@@ -13,6 +13,7 @@ Stages, in order (each a plain call you can run alone):
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import random
 import time
@@ -110,6 +111,23 @@ class SamplingDefaults:
     temperature: float = 0.9
     top_p: float = 0.75
     top_k: int = 50            # transformers applies top_k=50 when generation_config.json sets none
+
+
+@functools.cache
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim            # glibc (Linux); elsewhere there is none
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). After a stage is released its
+    freed temporaries otherwise stay resident (measured: bf16 + int8 + offload + compile on the medium preset held
+    1.13 GB with no stage loaded after one image, 0.75 GB with this; its next peak 1.59 -> 1.41 GB)."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @functools.cache
@@ -215,6 +233,8 @@ class Pipeline:
     def _get(self, name: str):
         if name not in self._mods:
             host = self.offload and self.device.type != "cpu"
+            if self.offload and not host:
+                trim_heap()                       # what earlier stages freed goes back before this one loads
             self._mods[name] = self._load(name, torch.device("cpu") if host else self.device)
             if host:
                 self._host[name] = pin_weights(self._mods[name])
@@ -236,6 +256,7 @@ class Pipeline:
             if self.offload:
                 if self.device.type == "cpu":
                     del self._mods[name]          # released; read again from disk when next needed
+                    trim_heap()
                 else:
                     place_weights(self._host[name], None)       # back to the host copies: no copy, device freed
 

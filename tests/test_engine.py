@@ -86,8 +86,10 @@ def test_compile_with_offload_on_cpu(debug_ckpt, pipe):
         loaded.append(weakref.ref(m))
         return m
     fast._load = tracked
+    before = counters["stats"]["unique_graphs"]
     got = np.asarray(fast(PROMPT, **kw)[0], dtype=int)                  # compiles
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= before + 2                                         # the decode step and the DiT velocity
     again = np.asarray(fast(PROMPT, **kw)[0], dtype=int)                # new module objects, the same graphs
     assert counters["stats"]["unique_graphs"] == graphs
     assert len(loaded) == 8 and all(r() is None for r in loaded)
