@@ -122,9 +122,10 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
 
 
 def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). After a stage is released its
-    freed temporaries otherwise stay resident (measured: bf16 + int8 + offload + compile on the medium preset held
-    1.13 GB with no stage loaded after one image, 0.75 GB with this; its next peak 1.59 -> 1.41 GB)."""
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps freed blocks under
+    its (adaptive, up to 32 MB) mmap threshold in the heap, so a load's read buffers and pre-cast or pre-int8
+    copies, and a released stage's weights, otherwise stay resident (measured, bf16 + int8 + offload + compile on
+    the medium preset: the AR's second load left 1.49 GB resident where the first left 0.66 GB)."""
     trim = _libc_malloc_trim()
     if trim is not None:
         trim(0)
@@ -236,6 +237,7 @@ class Pipeline:
             if self.offload and not host:
                 trim_heap()                       # what earlier stages freed goes back before this one loads
             self._mods[name] = self._load(name, torch.device("cpu") if host else self.device)
+            trim_heap()                           # and the load's own temporaries (read buffers, pre-cast copies)
             if host:
                 self._host[name] = pin_weights(self._mods[name])
         return self._mods[name]
