@@ -46,7 +46,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true", help="keep only the running stage resident (less memory)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only linears in the AR (faster decode)")
     p.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT "
-                   "(the first image compiles, minutes on a CPU; faster from then on)")
+                   "(the first image compiles, minutes on a CPU; faster from then on; with --offload on a CPU the "
+                   "compiled code is cached on disk for later processes)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
