@@ -94,6 +94,9 @@ def test_compile_with_offload_on_cpu(debug_ckpt, pipe):
     assert counters["stats"]["unique_graphs"] == graphs
     assert len(loaded) == 8 and all(r() is None for r in loaded)
     assert np.abs(got - want).max() <= 1 and np.array_equal(got, again)
+    ref = Image.fromarray(want.astype(np.uint8))                        # an edit: the reference KV prefix
+    edits = [np.asarray(p("make the background cream", image=ref, **kw)[0], dtype=int) for p in (pipe, fast)]
+    assert np.abs(edits[0] - edits[1]).max() <= 1
 
 
 def test_static_decode_step_matches_eager(pipe):
