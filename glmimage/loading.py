@@ -85,11 +85,13 @@ def read_tensor(fh, data_start: int, info: dict) -> torch.Tensor:
 
 def load_weights(module: nn.Module, folder: Path, prefixes: dict[str, str] | None = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 skip_prefixes: tuple[str, ...] = ()) -> nn.Module:
+                 skip_prefixes: tuple[str, ...] = (), copy_prefixes: tuple[str, ...] = ()) -> nn.Module:
     """Assign the weights in `folder` to `module` (built on meta), strictly.
 
     prefixes: checkpoint-key prefix -> module-key prefix (keys that match none are unexpected);
     None keeps keys as they are. skip_prefixes: checkpoint keys to ignore (they belong to another module).
+    copy_prefixes: module keys read into their own memory even when used as stored, for weights the caller is
+    about to replace (int8): a mapped file's touched pages stay resident while any view of it lives.
     Floating-point tensors are cast to `dtype`; others keep theirs.
     """
     from safetensors import safe_open
@@ -119,7 +121,8 @@ def load_weights(module: nn.Module, folder: Path, prefixes: dict[str, str] | Non
                     continue
                 stored = SAFETENSORS_DTYPES.get(header[key]["dtype"])
                 cast = dtype is not None and stored is not None and stored.is_floating_point and stored != dtype
-                t = read_tensor(fh, data_start, header[key]) if cast or dev.type != "cpu" else f.get_tensor(key)
+                copy = cast or dev.type != "cpu" or name.startswith(copy_prefixes)
+                t = read_tensor(fh, data_start, header[key]) if copy else f.get_tensor(key)
                 state[name] = (t.to(dtype) if cast else t).to(dev)
     missing = sorted(expected - set(state))
     if missing or unexpected:

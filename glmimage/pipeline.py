@@ -207,7 +207,8 @@ class Pipeline:
             with torch.device("meta"):
                 m = ARModel(self.ar_cfg)
             m = loading.load_weights(m, self.vle_dir, AR_KEY_PREFIXES, device=device, dtype=self.dtype,
-                                     skip_prefixes=tuple(VISION_KEY_PREFIXES))
+                                     skip_prefixes=tuple(VISION_KEY_PREFIXES),
+                                     copy_prefixes=("decoder.layers.",) if self.int8 else ())
             m = m.eval().fuse()
             if self.int8:                     # the decode streams these weights: 1 byte each instead of 2 or 4
                 quantize_int8(m.decoder.layers)
