@@ -59,11 +59,11 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "F8_E5M2": torch.float8_e5m2}
 
 
-def safetensors_header(file: Path) -> tuple[int, dict]:
-    """(offset of the data section, {key: {"dtype", "shape", "data_offsets"}}) of one safetensors file."""
-    with open(file, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")        # the format: u64 header length, JSON header, data
-        header = json.loads(fh.read(n))
+def safetensors_header(fh) -> tuple[int, dict]:
+    """(offset of the data section, {key: {"dtype", "shape", "data_offsets"}}) of a safetensors file open in "rb"."""
+    fh.seek(0)
+    n = int.from_bytes(fh.read(8), "little")            # the format: u64 header length, JSON header, data
+    header = json.loads(fh.read(n))
     header.pop("__metadata__", None)
     return 8 + n, header
 
@@ -104,8 +104,8 @@ def load_weights(module: nn.Module, folder: Path, prefixes: dict[str, str] | Non
         # safe_open on CPU memory-maps the file: tensors kept as stored are views of it; the ones cast or moved
         # are read through `fh` instead, so their source pages are never mapped (they would stay resident
         # beside the copy for as long as any view of the file lives)
-        data_start, header = safetensors_header(file)
         with safe_open(str(file), framework="pt", device="cpu") as f, open(file, "rb") as fh:
+            data_start, header = safetensors_header(fh)
             for key in f.keys():
                 if key.startswith(skip_prefixes):
                     continue

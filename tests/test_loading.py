@@ -105,8 +105,8 @@ def test_read_tensor_matches_safetensors(tmp_path):
                "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
     file = tmp_path / "t.safetensors"
     save_file(tensors, str(file))
-    start, header = loading.safetensors_header(file)
     with open(file, "rb") as fh, safe_open(str(file), framework="pt") as f:
+        start, header = loading.safetensors_header(fh)
         for k in tensors:
             got, want = loading.read_tensor(fh, start, header[k]), f.get_tensor(k)
             assert got.dtype == want.dtype and got.shape == want.shape, k
