@@ -7,6 +7,12 @@
     python -m glmimage.train decoder --preset small --out runs/small
     python -m glmimage.train export --out runs/small --to glmimage/assets/model
 
+Any stage runs on any device (--device, default: the accelerator when there is one) in fp32 or bf16 autocast
+(--precision), and data-parallel under torchrun, one process per device (or CPU share), with the same global batch
+and the same numbers up to float rounding:
+
+    torchrun --nproc-per-node 8 -m glmimage.train decoder --preset small --out runs/small
+
 Every stage writes DIR/<stage>/{ckpt.pt,log.jsonl,loss.png}; later stages read the earlier ones from the same DIR
 (ar and decoder need the tokenizer; decoder needs the vae). --resume continues from DIR/<stage>/ckpt.pt exactly.
 """
@@ -33,6 +39,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "decoder 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="auto", help="auto (the accelerator if any, else cpu), cpu, cuda, npu, mps, ...")
+    p.add_argument("--precision", default="fp32", help="fp32, or bf16 (autocast; weights and optimizer stay fp32)")
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
@@ -46,19 +54,25 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 def run_train(args) -> None:
     import torch
     from glmimage.train import ar, decoder, tokenizer, vae
+    from glmimage.train.common import setup_runtime
     from glmimage.train.presets import get_preset
 
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
+    rt = setup_runtime(args.device, args.precision)
     fn = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
           "decoder": decoder.train}[args.stage]
     kwargs = {"object_weight": args.object_weight} if args.object_weight is not None else {}
     if kwargs and args.stage not in ("ar", "decoder"):
         raise ValueError(f"--object-weight applies to the ar and decoder stages, not {args.stage}")
-    log = fn(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
-             stop_at=args.stop_after, **kwargs)
-    if log:
+    try:
+        log = fn(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
+                 stop_at=args.stop_after, rt=rt, **kwargs)
+    finally:
+        if rt.world > 1:
+            torch.distributed.destroy_process_group()
+    if log and rt.main:
         print(f"[{args.stage}] step {log[-1]['step'] + 1}: loss {log[-1]['loss']:.4f}; log, curve and checkpoint "
               f"in {Path(args.out) / args.stage}")
 

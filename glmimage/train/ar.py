@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from glmimage.ar import ARConfig, ARModel, sample_positions
 from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
-from glmimage.train.common import load_stage, train_loop
+from glmimage.train.common import Runtime, load_stage, train_loop
 from glmimage.train.data import make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -135,9 +135,9 @@ def collate(items: list[tuple[Tensor, ...]], pad_id: int) -> tuple[Tensor, ...]:
 
 def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, dict]:
     L = ids.shape[1]
-    mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
+    mask = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()[None, None]
     logits = model(ids, pos, mask)                                               # [B, L, V]
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp_min(0), reduction="none")
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().clamp_min(0), reduction="none")
     w = weights.flatten()
     loss = (ce * w).sum() / w.sum()
     with torch.no_grad():
@@ -148,12 +148,13 @@ def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: 
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
-          object_weight: float = OBJECT_WEIGHT) -> list[dict]:
+          object_weight: float = OBJECT_WEIGHT, rt: Runtime | None = None) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (the shipped model: 1.0 for
     the first 1000 steps, then 4.0 on --resume; see the model card)."""
+    rt = rt or Runtime()
     cfg = preset.stages["ar"]
     steps = steps or cfg.steps
-    vq = load_tokenizer(preset, out)
+    vq = load_tokenizer(preset, out).to(rt.device)
     if resume and (Path(out) / "ar" / "ckpt.pt").exists():
         from tokenizers import Tokenizer
         tok = Tokenizer.from_str(load_stage(out, "ar")["extra"]["text_tokenizer"])
@@ -167,7 +168,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     code_weights = weight_of_code(preset, out, object_weight)
 
     def step_fn(step: int, gen: torch.Generator):
-        ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)]
+        ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)[rt.rows(cfg.batch)]]
         images = [e["image"] if e["kind"] == "t2i" else e["target"] for e in ex]
         sources = [e["source"] for e in ex if e["kind"] == "edit"]
         grids = encode_batch(vq, images + sources, preset)
@@ -176,9 +177,10 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         for e, g in zip(ex, grids[:len(images)]):
             gd = {"image": g} if e["kind"] == "t2i" else {"target": g, "source": next(src_iter)}
             items.append(sequence(model.cfg, pt, e, gd, S, code_weights))
-        loss, metrics = ar_loss(model, *collate(items, pt.pad_id))
-        return loss, metrics
+        ids, pos, targets, weights = (t.to(rt.device) for t in collate(items, pt.pad_id))
+        loss, metrics = ar_loss(model, ids, pos, targets, weights)
+        return loss, weights.sum(), metrics
 
     return train_loop("ar", out, {"ar": model}, list(model.parameters()), step_fn, cfg, seed, steps, resume,
                       extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce"], progress=progress,
-                      stop_at=stop_at)
+                      stop_at=stop_at, rt=rt)

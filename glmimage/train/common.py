@@ -1,10 +1,20 @@
-"""The training loop every stage shares: AdamW, warmup + cosine, checkpoints, exact resume, JSONL log, loss plot.
+"""The training loop every stage shares: AdamW, warmup + cosine, checkpoints, exact resume, JSONL log, loss plot,
+on any device, in fp32 or bf16 autocast, in one process or data-parallel over many (torchrun).
 
 Exact resume: all randomness of step s (which examples, crops, noise, dropout, codebook restarts) comes from
 `step_generator(seed, s)` and the example indices [s * batch, (s + 1) * batch) of a deterministic stream, so a
 checkpoint only needs the weights, the optimizer state and the step. The torch/python RNG states are saved too, for
 anything that still reads the global generators. Resuming truncates the log to the checkpoint's step, so the log of
 an interrupted-and-resumed run is the same as an uninterrupted one.
+
+One code path at every scale (`Runtime`): the same step functions run on a laptop CPU, one accelerator or N
+processes under torchrun (one per device or CPU share). A step's global batch of B examples is split into equal
+contiguous row blocks, one per process; every process draws the whole batch's randomness from the same step
+generator (on the CPU, then moves it) and keeps its rows, so a run's numbers do not depend on the device or the
+number of processes beyond float rounding. Each step function returns its loss as a weighted mean together with
+its weight (rows, or the sum of its loss weights); the processes' gradients of loss * weight / total weight are
+summed, which is exactly the gradient of the whole batch's loss. Process 0 writes the log, plots and checkpoints;
+every process loads the checkpoint on --resume.
 
 Run folder layout (one folder per model, one sub-folder per stage):
   DIR/<stage>/ckpt.pt        model(s) + optimizer + step + RNG states (written atomically every ckpt_every steps)
@@ -18,14 +28,96 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from glmimage.train.presets import StageConfig
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Runtime:
+    """Where a stage trains and which share of each global batch this process computes.
+
+    device: the models' and batches' device; autocast: the matmul dtype under torch.autocast (None: fp32);
+    rank / world: this process and the number of data-parallel processes (1: no torch.distributed)."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: torch.dtype | None = None
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, batch: int) -> slice:
+        """This process's block of a global batch."""
+        if batch % self.world:
+            raise ValueError(f"the global batch ({batch}) must split evenly over {self.world} processes; "
+                             f"choose a process count that divides it")
+        n = batch // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def sum(self, x: Tensor | float) -> Tensor:
+        """Sum over processes (a float32 tensor on this device)."""
+        t = torch.as_tensor(x, dtype=torch.float32).detach().to(self.device).clone()
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Concatenate every process's equally shaped x along dim 0, in rank order (= the whole batch's order)."""
+        if self.world == 1:
+            return x
+        out = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    def reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum the gradients over processes. A parameter that got a gradient in any process gets one in all
+        (zeros where it had none), as in one process computing the whole batch."""
+        if self.world == 1:
+            return
+        has = self.sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))
+        for p, h in zip(params, has.tolist()):
+            if h and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.flatten().float() for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
+    """The entry point's choice of device and precision; under torchrun (WORLD_SIZE > 1) also the process group:
+    one process per accelerator (LOCAL_RANK), or CPU processes over gloo."""
+    from glmimage.cli import pick_device
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    dev = pick_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Runtime(dev, PRECISIONS[precision])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type != "cpu":
+        dev = torch.device(dev.type, local)
+        torch.accelerator.set_device_index(local)
+    if not dist.is_initialized():
+        backend = {"cuda": "nccl", "npu": "hccl", "xpu": "xccl"}.get(dev.type, "gloo")
+        dist.init_process_group(backend)
+    return Runtime(dev, PRECISIONS[precision], dist.get_rank(), dist.get_world_size())
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -111,24 +203,29 @@ def plot_losses(records: list[dict], path: Path, title: str, keys: list[str] | N
     im.save(path)
 
 
-StepFn = Callable[[int, torch.Generator], tuple[Tensor, dict]]
+StepFn = Callable[[int, torch.Generator], tuple[Tensor, Tensor | float, dict]]
 
 
 def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainable: list[nn.Parameter],
                step_fn: StepFn, cfg: StageConfig, seed: int, steps: int, resume: bool,
                extra: Callable[[], dict] | None = None, plot_keys: list[str] | None = None,
                after_step: Callable[[int, torch.Generator], None] | None = None,
-               progress: bool = True, stop_at: int | None = None) -> list[dict]:
+               progress: bool = True, stop_at: int | None = None, rt: Runtime | None = None) -> list[dict]:
     """Run steps [start, min(steps, stop_at)) of one stage (stop_at: end this part early, checkpointed, so that a
-    later --resume continues the same `steps`-long schedule). step_fn(step, gen) -> (loss, metrics) for one batch.
+    later --resume continues the same `steps`-long schedule).
 
-    models: everything saved in the checkpoint (trainable or frozen), by name. extra(): more picklable state saved
-    next to them (e.g. latent statistics). Returns this stage's full log."""
+    step_fn(step, gen) -> (loss, weight, metrics) for this process's rows of the step's batch: loss a weighted mean,
+    weight its denominator (the row count for a plain mean over equal rows). models: everything saved in the
+    checkpoint (trainable or frozen), by name; moved to rt.device here. extra(): more picklable state saved next to
+    them (e.g. latent statistics). Returns this stage's full log."""
     from tqdm import tqdm
 
+    rt = rt or Runtime()
     out_dir = Path(out_dir) / stage
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+    for m in models.values():
+        m.to(rt.device)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = 0
     if resume and ckpt_path.exists():
@@ -139,11 +236,12 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         start = ck["step"]
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
-        kept = [r for r in read_log(log_path) if r["step"] < start]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    elif resume:
+        if rt.main:
+            kept = [r for r in read_log(log_path) if r["step"] < start]
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    elif resume and rt.main:
         print(f"[{stage}] --resume: no checkpoint at {ckpt_path}, starting from step 0")
-    if start == 0:
+    if start == 0 and rt.main:
         log_path.write_text("")
     for m in models.values():
         m.train()
@@ -156,17 +254,26 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         plot_losses(read_log(log_path), out_dir / "loss.png", f"{stage}: training loss", plot_keys)
 
     end = steps if stop_at is None else min(steps, stop_at)
-    bar = tqdm(range(start, end), initial=start, total=steps, desc=stage, disable=not progress, mininterval=2)
+    bar = tqdm(range(start, end), initial=start, total=steps, desc=stage, disable=not (progress and rt.main),
+               mininterval=2)
     t0 = time.time()
-    with open(log_path, "a") as log:
+    with open(log_path, "a") if rt.main else open(os.devnull, "w") as log:
         for step in bar:
             lr = lr_at(step, cfg, steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             gen = step_generator(seed, step)
-            loss, metrics = step_fn(step, gen)
+            with torch.autocast(rt.device.type, dtype=rt.autocast or torch.float32, enabled=rt.autocast is not None):
+                loss, weight, metrics = step_fn(step, gen)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if rt.world == 1:
+                loss.backward()
+            else:                                    # d(whole-batch loss) = sum over processes of d(loss * w / W)
+                total = rt.sum(weight)
+                (loss * (torch.as_tensor(weight, dtype=torch.float32).to(rt.device) / total)).backward()
+                rt.reduce_grads(trainable)
+                loss = rt.sum(loss.detach() * torch.as_tensor(weight, dtype=torch.float32).to(rt.device)) / total
+                metrics = {k: rt.sum(v) / rt.world for k, v in metrics.items()}   # means over equal row blocks
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
@@ -177,8 +284,9 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
+            if rt.main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == end):
                 save(step + 1)
-    if start >= steps and not ckpt_path.exists():
+    if start >= steps and not ckpt_path.exists() and rt.main:
         save(start)
+    rt.barrier()
     return read_log(log_path)

@@ -32,7 +32,7 @@ from torch import Tensor
 from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
-from glmimage.train.common import atomic_save, load_stage, train_loop
+from glmimage.train.common import Runtime, atomic_save, load_stage, train_loop
 from glmimage.train.data import make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -107,64 +107,72 @@ def vae_scale(vae) -> int:
 
 
 def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int], gen: torch.Generator,
-                  size: int, code_weights: Tensor | None = None) -> tuple[Tensor, dict]:
-    """code_weights: [n_codes] loss weight of the latent pixels under each prior code (None: plain MSE)."""
+                  size: int, code_weights: Tensor | None = None, rows: slice = slice(None)) -> tuple[Tensor, Tensor, dict]:
+    """The batch idx's flow-matching loss over its `rows` (this process's block): (loss, weight, metrics).
+
+    Randomness is drawn for the whole batch and then sliced, so the rows' numbers do not depend on the split.
+    code_weights: [n_codes] loss weight of the latent pixels under each prior code (None: plain MSE)."""
     B = len(idx)
-    x0 = cache["latents"][idx].float()                                          # [B, C, h, w]
-    ids = cache["ids"][idx]                                                     # [B, N]
-    drop = (torch.rand(B, generator=gen) < DROP_P).tolist()
+    device = dit.proj_out.weight.device
+    drop_all = torch.rand(B, generator=gen) < DROP_P
+    s_all = torch.rand(B, generator=gen) * 0.999 + 0.001                        # (0.001, 1]
+    noise_all = torch.randn((B, *cache["latents"].shape[1:]), generator=gen)
+    idx, drop, s, noise = idx[rows], drop_all[rows].tolist(), s_all[rows].to(device), noise_all[rows].to(device)
+    B = len(idx)
+    x0 = cache["latents"][idx].to(device).float()                               # [B, C, h, w]
+    ids = cache["ids"][idx].to(device)                                          # [B, N]
     texts = ["" if d else cache["text"][i] for i, d in zip(idx, drop)]
     p = dit.cfg.patch_size
     grid = (x0.shape[2] // p, x0.shape[3] // p)
-    s = torch.rand(B, generator=gen) * 0.999 + 0.001                            # (0.001, 1]
     sigma = time_shift(shift_mu(grid[0] * grid[1]), s)                         # the inference mapping
-    noise = torch.randn(x0.shape, generator=gen)
     xt = (1 - sigma.view(B, 1, 1, 1)) * x0 + sigma.view(B, 1, 1, 1) * noise
     target = noise - x0
-    size_t = torch.tensor([[size, size]] * B, dtype=torch.float32)
-    vec = dit.embed_vec(s * 1000 - 1, size_t, torch.zeros(B, 2))               # [B, E]
+    size_t = torch.tensor([[size, size]] * B, dtype=torch.float32, device=device)
+    vec = dit.embed_vec(s * 1000 - 1, size_t, torch.zeros(B, 2, device=device))  # [B, E]
     glyph, txt_len = glyph_enc.encode(texts)                                    # [B, T, Dt] (frozen), [B]
     txt = dit.glyph_projector(glyph)
     prior = dit.prior_projector(dit.prior_token_embedding(ids))                 # [B, N, D]
     empty = dit.prior_projector(txt.new_zeros(1, 1, dit.cfg.dim))               # the dropped prior
-    prior = torch.where(torch.tensor(drop).view(B, 1, 1), empty.expand_as(prior), prior)
-    rope = rope_table(*grid, dit.cfg.attention_head_dim, x0.device)
+    prior = torch.where(torch.tensor(drop, device=device).view(B, 1, 1), empty.expand_as(prior), prior)
+    rope = rope_table(*grid, dit.cfg.attention_head_dim, device)
     with_ref = [b for b, i in enumerate(idx) if i in cache["src_latents"] and not drop[b]]
     plain = [b for b in range(B) if b not in with_ref]
     v = torch.zeros_like(x0)
     for group in (plain, with_ref):
         if not group:
             continue
-        g = torch.tensor(group)
+        g = torch.tensor(group, device=device)
         ref_kv = None
         if group is with_ref:
-            src = torch.stack([cache["src_latents"][idx[b]] for b in group]).float()
-            src_ids = torch.stack([cache["src_ids"][idx[b]] for b in group])
+            src = torch.stack([cache["src_latents"][idx[b]] for b in group]).to(device).float()
+            src_ids = torch.stack([cache["src_ids"][idx[b]] for b in group]).to(device)
             ref_kv = dit.reference_kv([src], [src_ids], [(size, size)])
         mask = text_key_mask(txt_len[g], txt.shape[1], grid[0] * grid[1], ref_kv)  # hide each text's padding
         ctx = Context(txt[g], prior[g], rope, ref_kv, mask, txt_len[g])
         v = v.index_put((g,), dit.velocity(xt[g], ctx, vec[g]).float())
+    metrics = {"edit_frac": len(with_ref) / B}
     if code_weights is None:
-        return F.mse_loss(v, target), {"edit_frac": len(with_ref) / B}
+        return F.mse_loss(v, target), B, metrics
     w = code_weights[ids].view(B, 1, *grid)                                    # [B, 1, gh, gw] per DiT token
     w = w.repeat_interleave(p, 2).repeat_interleave(p, 3)                       # [B, 1, h, w] per latent pixel
     err = (v - target).pow(2)                                                   # [B, C, h, w]
     loss = (err * w).sum() / (w.sum() * err.shape[1])                           # = MSE when every weight is 1
-    return loss, {"edit_frac": len(with_ref) / B, "mse": err.mean().detach()}
+    return loss, w.sum(), {**metrics, "mse": err.mean().detach()}
 
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
-          seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float = 1.0) -> list[dict]:
+          seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float = 1.0,
+          rt: Runtime | None = None) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (the shipped model: 1.0 for 9000 steps,
     then 4.0 on --resume; see the model card)."""
+    rt = rt or Runtime()
     cfg = preset.stages["decoder"]
     steps = steps or cfg.steps
     cache_path = Path(out) / "decoder" / "cache.pt"
-    if cache_path.exists():
-        cache = torch.load(cache_path, weights_only=False)
-    else:
-        cache = build_cache(preset, out, data, seed, CACHE_SIZE.get(preset.name, 4000), progress)
-        atomic_save(cache, cache_path)
+    if not cache_path.exists() and rt.main:          # one process builds the cache, the others read it
+        atomic_save(build_cache(preset, out, data, seed, CACHE_SIZE.get(preset.name, 4000), progress), cache_path)
+    rt.barrier()
+    cache = torch.load(cache_path, weights_only=False)
     n = len(cache["text"])
     glyph = build_glyph(preset, seed)
     dit = build_dit(preset, seed)
@@ -172,13 +180,13 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     code_weights = None
     if object_weight != 1:
         from glmimage.train.ar import weight_of_code
-        code_weights = weight_of_code(preset, out, object_weight)
+        code_weights = weight_of_code(preset, out, object_weight).to(rt.device)
 
     def step_fn(step: int, gen: torch.Generator):
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7777 + epoch))
         idx = perm[k * cfg.batch:(k + 1) * cfg.batch].tolist()
-        return velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, code_weights)
+        return velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, code_weights, rt.rows(cfg.batch))
 
     return train_loop("decoder", out, {"dit": dit, "glyph": glyph.t5}, list(dit.parameters()), step_fn, cfg, seed,
-                      steps, resume, plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at)
+                      steps, resume, plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at, rt=rt)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glmimage.data.scenes import NUM_LABELS
-from glmimage.train.common import train_loop
+from glmimage.train.common import Runtime, train_loop
 from glmimage.train.data import make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.vision import ImageTokenizer, VisionConfig, preprocess
@@ -87,8 +87,8 @@ def post_quant(tok: ImageTokenizer, zq: Tensor) -> Tensor:
 def encode_batch(tok: ImageTokenizer, images, preset: TrainPreset) -> Tensor:
     """PIL images -> VQ ids [B, g, g] exactly through the inference preprocessing (training-time batched)."""
     px = torch.stack([preprocess(im, preset.min_pixels, preset.max_pixels, preset.vision_patch) for im in images])
-    _, ids, _ = quantize(tok, vit_features(tok, px))
-    return ids.view(len(images), px.shape[-2] // preset.vision_patch, px.shape[-1] // preset.vision_patch)
+    _, ids, _ = quantize(tok, vit_features(tok, px.to(tok.vq.quant_conv.weight.device)))
+    return ids.cpu().view(len(images), px.shape[-2] // preset.vision_patch, px.shape[-1] // preset.vision_patch)
 
 
 def load_tokenizer(preset: TrainPreset, run_dir: Path) -> ImageTokenizer:
@@ -99,7 +99,8 @@ def load_tokenizer(preset: TrainPreset, run_dir: Path) -> ImageTokenizer:
 
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
-          seed: int = 0, progress: bool = True, stop_at: int | None = None) -> list[dict]:
+          seed: int = 0, progress: bool = True, stop_at: int | None = None, rt: Runtime | None = None) -> list[dict]:
+    rt = rt or Runtime()
     if data != "synthetic":
         raise ValueError("the semantic tokenizer is supervised by the renderer's region labels: --data synthetic")
     cfg = preset.stages["tokenizer"]
@@ -111,11 +112,11 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     state = {}
 
     def step_fn(step: int, gen: torch.Generator):
-        ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)]
+        ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)[rt.rows(cfg.batch)]]
         images = [e["image"] for e in ex]
-        labels = torch.stack([e["labels"] for e in ex]).flatten(1)                     # [B, N]
+        labels = torch.stack([e["labels"] for e in ex]).flatten(1).to(rt.device)       # [b, N], this process's rows
         px = torch.stack([preprocess(im, preset.min_pixels, preset.max_pixels, preset.vision_patch)
-                          for im in images])
+                          for im in images]).to(rt.device)
         feats = vit_features(tok, px)                                                  # [B, N, C]
         z, ids, zq = quantize(tok, feats)
         vq = F.mse_loss(zq, z.detach()) + BETA * F.mse_loss(z, zq.detach())
@@ -123,30 +124,31 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         logits = heads.label(h)                                                       # [B, N, labels]
         label_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         # target: each token's tp x tp region of the full image, average-pooled PIXEL_DOWN x
-        full = F.avg_pool2d(to_pixels(images), PIXEL_DOWN)                              # [B, 3, S/4, S/4]
+        full = F.avg_pool2d(to_pixels(images).to(rt.device), PIXEL_DOWN)               # [b, 3, S/4, S/4]
         B, g = full.shape[0], full.shape[-1] // op
         target = full.view(B, 3, g, op, g, op).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, -1)
         pix_loss = F.mse_loss(heads.pixels(h), target)
-        heads.usage += torch.bincount(ids.flatten(), minlength=tok.cfg.n_codes).float()
+        hits = rt.sum(torch.bincount(ids.flatten(), minlength=tok.cfg.n_codes))       # the whole batch's
+        heads.usage += hits
         state["z"] = z.detach().flatten(0, 1)
         acc = logits.detach().argmax(-1).eq(labels).float().mean()
-        used = ids.unique().numel()
-        return label_loss + pix_loss + vq, {"label": label_loss.detach(), "pixel": pix_loss.detach(),
-                                            "vq": vq.detach(), "label_acc": acc, "codes_in_batch": used}
+        used = (hits > 0).sum()
+        return label_loss + pix_loss + vq, len(ex), {"label": label_loss.detach(), "pixel": pix_loss.detach(),
+                                                     "vq": vq.detach(), "label_acc": acc, "codes_in_batch": used}
 
     @torch.no_grad()
     def after_step(step: int, gen: torch.Generator):
         if (step + 1) % RESTART_EVERY:
             return
         dead = (heads.usage == 0).nonzero()[:, 0]
+        z = rt.gather(state["z"])         # the whole batch's features, in batch order
         if len(dead):                     # dead codes restart at random features of this batch
-            z = state["z"]
             pick = torch.randint(0, z.shape[0], (len(dead),), generator=gen)
-            tok.vq.quantize.embedding.weight[dead] = z[pick] + 0.01 * torch.randn(len(dead), z.shape[1],
-                                                                                   generator=gen)
+            noise = torch.randn(len(dead), z.shape[1], generator=gen)
+            tok.vq.quantize.embedding.weight[dead] = z[pick.to(z.device)] + 0.01 * noise.to(z.device)
         heads.usage.zero_()
 
     trainable = list(tok.parameters()) + list(heads.parameters())
     return train_loop("tokenizer", out, {"tokenizer": tok, "heads": heads}, trainable, step_fn, cfg, seed, steps,
                       resume, plot_keys=["loss", "label", "pixel", "vq"], after_step=after_step, progress=progress,
-                      stop_at=stop_at)
+                      stop_at=stop_at, rt=rt)

@@ -1,0 +1,32 @@
+"""Train every stage of the debug preset for a few steps in one run folder: `python tests/train_all_stages.py DIR
+[--in-two-parts]` (each stage stopped at step 2, then resumed), alone or under `torchrun --nproc-per-node N` (test_train.py compares the two). Dead-code
+restarts of the tokenizer run every 2 steps here, so the multi-process path of the restarts is exercised too."""
+import argparse
+from pathlib import Path
+
+import torch
+
+from glmimage.train import ar, decoder, tokenizer, vae
+from glmimage.train.common import setup_runtime
+from glmimage.train.presets import get_preset
+
+STEPS = 4
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--in-two-parts", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tokenizer.RESTART_EVERY = 2
+    rt = setup_runtime("cpu", "fp32")
+    preset = get_preset("debug")
+    stages = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
+              "decoder": decoder.train}
+    for name, train in stages.items():
+        kwargs = {"object_weight": 3.0} if name == "decoder" else {}
+        if args.in_two_parts:
+            train(preset, Path(args.out), steps=STEPS, progress=False, rt=rt, stop_at=2, **kwargs)
+        train(preset, Path(args.out), steps=STEPS, progress=False, rt=rt, resume=args.in_two_parts, **kwargs)
+    if rt.world > 1:
+        torch.distributed.destroy_process_group()
