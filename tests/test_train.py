@@ -118,9 +118,11 @@ def _train_all(out: Path, procs: int, *extra: str) -> None:
 
 @pytest.fixture(scope="module")
 def parallel_runs(tmp_path_factory):
-    """Every stage in one process, in 2 processes, and in 2 processes stopped at step 2 then resumed."""
+    """Every stage in one process, in one process with 2 micro-batches per step, in 2 processes, and in 2 processes
+    stopped at step 2 then resumed."""
     root = tmp_path_factory.mktemp("parallel")
     _train_all(root / "one", 1)
+    _train_all(root / "accum", 1, "--accum", "2")
     _train_all(root / "two", 2)
     _train_all(root / "two_parts", 2, "--in-two-parts")
     return root
@@ -128,13 +130,14 @@ def parallel_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_two_processes_train_like_one(parallel_runs, stage):
-    """The global batch split over 2 processes gives the losses of one process computing it all (float rounding
-    apart: summation order), and a 2-process run stopped and resumed repeats its uninterrupted losses exactly."""
-    one = [r["loss"] for r in read_log(parallel_runs / "one" / stage / "log.jsonl")]
-    two = [r["loss"] for r in read_log(parallel_runs / "two" / stage / "log.jsonl")]
-    parts = [r["loss"] for r in read_log(parallel_runs / "two_parts" / stage / "log.jsonl")]
+    """The global batch split over 2 processes or 2 micro-batches gives the losses of one process computing it all
+    (float rounding apart: summation order), and a 2-process run stopped and resumed repeats its uninterrupted
+    losses exactly."""
+    one, accum, two, parts = ([r["loss"] for r in read_log(parallel_runs / run / stage / "log.jsonl")]
+                              for run in ("one", "accum", "two", "two_parts"))
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=2e-4)
+    assert accum == pytest.approx(one, rel=2e-4)
     assert parts == two
     assert load_stage(parallel_runs / "two", stage)["step"] == 4
     assert not list((parallel_runs / "two" / stage).glob("*.tmp"))
@@ -142,9 +145,12 @@ def test_two_processes_train_like_one(parallel_runs, stage):
 
 def test_runtime_rejects_uneven_split_and_unknown_precision():
     from glmimage.train.common import Runtime, setup_runtime
-    with pytest.raises(ValueError, match="split evenly over 3"):
+    with pytest.raises(ValueError, match="split evenly over 3 processes x 1"):
         Runtime(world=3, rank=1).rows(16)
     assert Runtime(world=4, rank=1).rows(16) == slice(4, 8)
+    assert Runtime(world=2, rank=1, accum=2, micro=1).rows(16) == slice(12, 16)
+    with pytest.raises(ValueError, match="positive"):
+        setup_runtime("cpu", "fp32", accum=0)
     with pytest.raises(ValueError, match="fp32, bf16"):
         setup_runtime("cpu", "fp8")
 

@@ -1,5 +1,5 @@
 """Train every stage of the debug preset for a few steps in one run folder: `python tests/train_all_stages.py DIR
-[--in-two-parts]` (each stage stopped at step 2, then resumed), alone or under `torchrun --nproc-per-node N` (test_train.py compares the two). Dead-code
+[--in-two-parts] [--accum K]` (each stage stopped at step 2, then resumed; K micro-batches per step), alone or under `torchrun --nproc-per-node N` (test_train.py compares the two). Dead-code
 restarts of the tokenizer run every 2 steps here, so the multi-process path of the restarts is exercised too."""
 import argparse
 from pathlib import Path
@@ -16,10 +16,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--in-two-parts", action="store_true")
+    ap.add_argument("--accum", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(1)
     tokenizer.RESTART_EVERY = 2
-    rt = setup_runtime("cpu", "fp32")
+    rt = setup_runtime("cpu", "fp32", args.accum)
     preset = get_preset("debug")
     stages = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
               "decoder": decoder.train}

@@ -41,6 +41,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any, else cpu), cpu, cuda, npu, mps, ...")
     p.add_argument("--precision", default="fp32", help="fp32, or bf16 (autocast; weights and optimizer stay fp32)")
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per step and process (same global batch, 1/accum of the activation memory)")
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +62,7 @@ def run_train(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
-    rt = setup_runtime(args.device, args.precision)
+    rt = setup_runtime(args.device, args.precision, args.accum)
     fn = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
           "decoder": decoder.train}[args.stage]
     kwargs = {"object_weight": args.object_weight} if args.object_weight is not None else {}

@@ -47,23 +47,33 @@ class Runtime:
     """Where a stage trains and which share of each global batch this process computes.
 
     device: the models' and batches' device; autocast: the matmul dtype under torch.autocast (None: fp32);
-    rank / world: this process and the number of data-parallel processes (1: no torch.distributed)."""
+    rank / world: this process and the number of data-parallel processes (1: no torch.distributed);
+    accum: micro-batches per process and step (gradient accumulation: 1/accum of the activations at a time);
+    micro: the micro-batch being computed (set by train_loop)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast: torch.dtype | None = None
     rank: int = 0
     world: int = 1
+    accum: int = 1
+    micro: int = 0
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def rows(self, batch: int) -> slice:
-        """This process's block of a global batch."""
-        if batch % self.world:
-            raise ValueError(f"the global batch ({batch}) must split evenly over {self.world} processes; "
-                             f"choose a process count that divides it")
-        n = batch // self.world
-        return slice(self.rank * n, (self.rank + 1) * n)
+        """This process's (and micro-batch's) block of a global batch."""
+        blocks = self.world * self.accum
+        if batch % blocks:
+            raise ValueError(f"the global batch ({batch}) must split evenly over {self.world} processes x "
+                             f"{self.accum} micro-batches; choose counts whose product divides it")
+        n = batch // blocks
+        k = self.rank * self.accum + self.micro
+        return slice(k * n, (k + 1) * n)
+
+    def autocast_context(self):
+        return torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                              enabled=self.autocast is not None)
 
     def sum(self, x: Tensor | float) -> Tensor:
         """Sum over processes (a float32 tensor on this device)."""
@@ -100,16 +110,18 @@ class Runtime:
             dist.barrier()
 
 
-def setup_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
+def setup_runtime(device: str = "auto", precision: str = "fp32", accum: int = 1) -> Runtime:
     """The entry point's choice of device and precision; under torchrun (WORLD_SIZE > 1) also the process group:
     one process per accelerator (LOCAL_RANK), or CPU processes over gloo."""
     from glmimage.cli import pick_device
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if accum < 1:
+        raise ValueError(f"--accum must be a positive number of micro-batches, got {accum}")
     dev = pick_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Runtime(dev, PRECISIONS[precision])
+        return Runtime(dev, PRECISIONS[precision], accum=accum)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type != "cpu":
         dev = torch.device(dev.type, local)
@@ -117,7 +129,7 @@ def setup_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
     if not dist.is_initialized():
         backend = {"cuda": "nccl", "npu": "hccl", "xpu": "xccl"}.get(dev.type, "gloo")
         dist.init_process_group(backend)
-    return Runtime(dev, PRECISIONS[precision], dist.get_rank(), dist.get_world_size())
+    return Runtime(dev, PRECISIONS[precision], dist.get_rank(), dist.get_world_size(), accum)
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -262,18 +274,31 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
             lr = lr_at(step, cfg, steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            gen = step_generator(seed, step)
-            with torch.autocast(rt.device.type, dtype=rt.autocast or torch.float32, enabled=rt.autocast is not None):
-                loss, weight, metrics = step_fn(step, gen)
             opt.zero_grad(set_to_none=True)
-            if rt.world == 1:
+            if rt.world == 1 and rt.accum == 1:             # the plain step
+                gen = step_generator(seed, step)
+                with rt.autocast_context():
+                    loss, _, metrics = step_fn(step, gen)
                 loss.backward()
-            else:                                    # d(whole-batch loss) = sum over processes of d(loss * w / W)
-                total = rt.sum(weight)
-                (loss * (torch.as_tensor(weight, dtype=torch.float32).to(rt.device) / total)).backward()
+            else:   # row blocks (micro-batches, processes): gradients of sum(loss * weight), summed, / sum(weight)
+                num, den, sums = 0.0, 0.0, {}
+                for rt.micro in range(rt.accum):
+                    gen = step_generator(seed, step)        # each block draws the whole batch's numbers again
+                    with rt.autocast_context():
+                        loss, weight, metrics = step_fn(step, gen)
+                    w = torch.as_tensor(weight, dtype=torch.float32).to(rt.device)
+                    (loss * w).backward()
+                    num, den = num + loss.detach() * w, den + w
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).to(rt.device) / rt.accum
+                rt.micro = 0
+                total = rt.sum(den)
                 rt.reduce_grads(trainable)
-                loss = rt.sum(loss.detach() * torch.as_tensor(weight, dtype=torch.float32).to(rt.device)) / total
-                metrics = {k: rt.sum(v) / rt.world for k, v in metrics.items()}   # means over equal row blocks
+                for p in trainable:
+                    if p.grad is not None:
+                        p.grad.div_(total)
+                loss = rt.sum(num) / total
+                metrics = {k: rt.sum(v) / rt.world for k, v in sums.items()}   # means over equal row blocks
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()

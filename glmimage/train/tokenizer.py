@@ -130,7 +130,9 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         pix_loss = F.mse_loss(heads.pixels(h), target)
         hits = rt.sum(torch.bincount(ids.flatten(), minlength=tok.cfg.n_codes))       # the whole batch's
         heads.usage += hits
-        state["z"] = z.detach().flatten(0, 1)
+        if rt.micro == 0:
+            state["z"] = []
+        state["z"].append(z.detach().flatten(0, 1))
         acc = logits.detach().argmax(-1).eq(labels).float().mean()
         used = (hits > 0).sum()
         return label_loss + pix_loss + vq, len(ex), {"label": label_loss.detach(), "pixel": pix_loss.detach(),
@@ -141,7 +143,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         if (step + 1) % RESTART_EVERY:
             return
         dead = (heads.usage == 0).nonzero()[:, 0]
-        z = rt.gather(state["z"])         # the whole batch's features, in batch order
+        z = rt.gather(torch.cat(state["z"]))   # the whole batch's features, in batch order
         if len(dead):                     # dead codes restart at random features of this batch
             pick = torch.randint(0, z.shape[0], (len(dead),), generator=gen)
             noise = torch.randn(len(dead), z.shape[1], generator=gen)
