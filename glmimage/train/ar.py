@@ -88,6 +88,16 @@ def code_is_object(preset: TrainPreset, run_dir: Path) -> Tensor:
         return heads.label(post_quant(vq, e)).argmax(-1) >= NUM_BACKGROUND_LABELS
 
 
+def check_object_weight(data: str, object_weight: float | None, default: float) -> float:
+    """Object weighting reads the tokenizer's region labels, which only synthetic data trains."""
+    if object_weight is None:
+        return default if data == "synthetic" else 1.0
+    if object_weight != 1 and data != "synthetic":
+        raise ValueError("--object-weight needs --data synthetic: it reads the tokenizer's region labels, and a "
+                         "tokenizer trained on real images has none")
+    return object_weight
+
+
 def weight_of_code(preset: TrainPreset, run_dir: Path, object_weight: float) -> Tensor:
     """[n_codes] loss weight per code: object_weight for object/text codes, 1 for background ones."""
     return 1 + (object_weight - 1) * code_is_object(preset, run_dir).float()
@@ -148,10 +158,12 @@ def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: 
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
-          object_weight: float = OBJECT_WEIGHT, rt: Runtime | None = None) -> list[dict]:
-    """object_weight: loss weight of object/text tokens relative to background ones (the shipped model: 1.0 for
-    the first 1000 steps, then 4.0 on --resume; see the model card)."""
+          object_weight: float | None = None, rt: Runtime | None = None) -> list[dict]:
+    """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
+    synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
+    model card)."""
     rt = rt or Runtime()
+    object_weight = check_object_weight(data, object_weight, OBJECT_WEIGHT)
     cfg = preset.stages["ar"]
     steps = steps or cfg.steps
     vq = load_tokenizer(preset, out).to(rt.device)

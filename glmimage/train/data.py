@@ -1,9 +1,12 @@
-"""Training examples by index: synthetic scenes (glmimage.data.scenes) or a folder of real images.
+"""Training examples by index: synthetic scenes (glmimage.data.scenes), a folder of real images with captions, or
+WebDataset tar shards (`key.jpg`/`key.png` + `key.txt`).
 
 Example i of a source depends only on (seed, i), so step s of a stage reads the indices [s*B, (s+1)*B) and a resumed
 run sees exactly the examples an uninterrupted one would.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,28 +26,68 @@ class SyntheticSource:
 
 
 class FolderSource:
-    """Real images with captions (glmimage.data.folder.ImageTextFolder), center-cropped and resized to `size`.
+    """Real images with same-name captions (glmimage.data.folder.ImageTextFolder), resized to cover `size` and
+    center-cropped to it.
 
     t2i only: {"kind": "t2i", "image", "caption"}. Example i is image i mod len(folder)."""
 
     def __init__(self, path: str, size: int):
         from glmimage.data.folder import ImageTextFolder  # written by the data owner
-        self.folder = ImageTextFolder(path)
-        self.size = size
+        self.folder = ImageTextFolder(path, size=size)
 
     def example(self, i: int) -> dict:
         item = self.folder[i % len(self.folder)]
-        image, text = (item["image"], item.get("caption", item.get("text", ""))) if isinstance(item, dict) else item
-        image = image.convert("RGB")
-        s = min(image.size)
-        left, top = (image.width - s) // 2, (image.height - s) // 2
-        image = image.crop((left, top, left + s, top + s)).resize((self.size, self.size), Image.Resampling.BICUBIC)
-        return {"kind": "t2i", "index": i, "image": image, "caption": text}
+        return {"kind": "t2i", "index": i, "image": item["image"], "caption": item["caption"], "key": item["key"]}
+
+
+class ShardSource:
+    """Image-caption samples of tar shards (a path, glob or brace pattern: 'shards/train-{000..099}.tar'), by index.
+
+    The shards' member lists are read once (tar headers only) into an index of samples, so example i is one seek
+    and read, and a resumed run sees the same examples. t2i only; example i is sample i mod the sample count."""
+
+    def __init__(self, pattern: str, size: int):
+        import tarfile
+
+        from glmimage.data.folder import CAPTION_EXTS, IMAGE_EXTS, expand_shards
+        self.size, self.tars, self.items = size, {}, []
+        for shard in expand_shards(pattern):
+            groups: dict[str, dict] = {}
+            with tarfile.open(shard) as tar:
+                for m in tar.getmembers():
+                    directory, _, name = m.name.rpartition("/")
+                    stem, dot, ext = name.partition(".")
+                    if m.isfile() and dot:
+                        groups.setdefault(f"{directory}/{stem}", {})[ext.lower()] = m
+            for key, members in groups.items():
+                image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+                caption = next((members[e] for e in CAPTION_EXTS if e in members), None)
+                if image is not None and caption is not None:
+                    self.items.append((shard, key, image, caption))
+        if not self.items:
+            raise ValueError(f"no image + caption samples (e.g. a.jpg + a.txt) in the shards {pattern!r}")
+
+    def example(self, i: int) -> dict:
+        import io
+        import tarfile
+
+        from glmimage.data.folder import resize_center_crop
+        shard, key, image_member, caption_member = self.items[i % len(self.items)]
+        if shard not in self.tars:
+            self.tars[shard] = tarfile.open(shard)
+        tar = self.tars[shard]
+        with Image.open(io.BytesIO(tar.extractfile(image_member).read())) as im:
+            image = resize_center_crop(im, self.size)
+        caption = tar.extractfile(caption_member).read().decode("utf-8").strip()
+        return {"kind": "t2i", "index": i, "image": image, "caption": caption, "key": key}
 
 
 def make_source(data: str, seed: int, size: int, **kwargs):
+    """'synthetic', tar shards (a path, glob or brace pattern ending in .tar), or a folder of captioned images."""
     if data == "synthetic":
         return SyntheticSource(seed, size, **kwargs)
+    if ".tar" in Path(data).name:
+        return ShardSource(data, size)
     return FolderSource(data, size)
 
 

@@ -161,11 +161,13 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
 
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
-          seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float = 1.0,
+          seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
           rt: Runtime | None = None) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (the shipped model: 1.0 for 9000 steps,
     then 4.0 on --resume; see the model card)."""
+    from glmimage.train.ar import check_object_weight, weight_of_code
     rt = rt or Runtime()
+    object_weight = check_object_weight(data, object_weight, 1.0)
     cfg = preset.stages["decoder"]
     steps = steps or cfg.steps
     cache_path = Path(out) / "decoder" / "cache.pt"
@@ -179,7 +181,6 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     per_epoch = n // cfg.batch
     code_weights = None
     if object_weight != 1:
-        from glmimage.train.ar import weight_of_code
         code_weights = weight_of_code(preset, out, object_weight).to(rt.device)
 
     def step_fn(step: int, gen: torch.Generator):

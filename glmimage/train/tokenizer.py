@@ -9,7 +9,9 @@ features (straight-through), through the checkpoint's own `post_quant_conv`:
     coverage/position detail (which part of a shape sits in the cell) that the decoder needs;
   * VQ: codebook + 0.25 x commitment losses on unit vectors (the codebook is cosine), and dead-code restarts every
     `RESTART_EVERY` steps from the current batch's features (drawn from the step's generator, so resume is exact).
-The heads are training-only and are not exported; the ViT, quant_conv, codebook and post_quant_conv are.
+On real data (--data PATH) there are no region labels: the label loss is left out and the tokenizer learns from
+the pixel head and the VQ losses alone, i.e. tokens that keep their region's coarse look, less semantic than with
+labels. The heads are training-only and are not exported; the ViT, quant_conv, codebook and post_quant_conv are.
 Images go through vision.preprocess (the processor's halving + bicubic resize), as at inference.
 """
 from __future__ import annotations
@@ -101,20 +103,19 @@ def load_tokenizer(preset: TrainPreset, run_dir: Path) -> ImageTokenizer:
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None, rt: Runtime | None = None) -> list[dict]:
     rt = rt or Runtime()
-    if data != "synthetic":
-        raise ValueError("the semantic tokenizer is supervised by the renderer's region labels: --data synthetic")
+    labelled = data == "synthetic"      # real images have no region labels: pixel head + VQ only
     cfg = preset.stages["tokenizer"]
     steps = steps or cfg.steps
     tok = build_tokenizer(preset, seed)
     heads = Heads(tok.cfg.dim, tok.cfg.n_codes, preset.ar_token_px)
-    source = make_source(data, seed, preset.image_size, label_cell_px=preset.ar_token_px, word_p=0.5, unseen_p=0.3)
+    source = make_source(data, seed, preset.image_size,
+                         **(dict(label_cell_px=preset.ar_token_px, word_p=0.5, unseen_p=0.3) if labelled else {}))
     tp, op = preset.ar_token_px, heads.out_px
     state = {}
 
     def step_fn(step: int, gen: torch.Generator):
         ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)[rt.rows(cfg.batch)]]
         images = [e["image"] for e in ex]
-        labels = torch.stack([e["labels"] for e in ex]).flatten(1).to(rt.device)       # [b, N], this process's rows
         px = torch.stack([preprocess(im, preset.min_pixels, preset.max_pixels, preset.vision_patch)
                           for im in images]).to(rt.device)
         feats = vit_features(tok, px)                                                  # [B, N, C]
@@ -122,7 +123,12 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         vq = F.mse_loss(zq, z.detach()) + BETA * F.mse_loss(z, zq.detach())
         h = post_quant(tok, z + (zq - z).detach())                                     # straight-through
         logits = heads.label(h)                                                       # [B, N, labels]
-        label_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        if labelled:
+            labels = torch.stack([e["labels"] for e in ex]).flatten(1).to(rt.device)   # [b, N], this process's rows
+            label_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+            acc = logits.detach().argmax(-1).eq(labels).float().mean()
+        else:
+            label_loss = acc = torch.zeros((), device=rt.device)
         # target: each token's tp x tp region of the full image, average-pooled PIXEL_DOWN x
         full = F.avg_pool2d(to_pixels(images).to(rt.device), PIXEL_DOWN)               # [b, 3, S/4, S/4]
         B, g = full.shape[0], full.shape[-1] // op
@@ -133,7 +139,6 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         if rt.micro == 0:
             state["z"] = []
         state["z"].append(z.detach().flatten(0, 1))
-        acc = logits.detach().argmax(-1).eq(labels).float().mean()
         used = (hits > 0).sum()
         return label_loss + pix_loss + vq, len(ex), {"label": label_loss.detach(), "pixel": pix_loss.detach(),
                                                      "vq": vq.detach(), "label_acc": acc, "codes_in_batch": used}
