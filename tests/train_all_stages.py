@@ -1,6 +1,10 @@
-"""Train every stage of the debug preset for a few steps in one run folder: `python tests/train_all_stages.py DIR
-[--in-two-parts] [--accum K]` (each stage stopped at step 2, then resumed; K micro-batches per step), alone or under `torchrun --nproc-per-node N` (test_train.py compares the two). Dead-code
-restarts of the tokenizer run every 2 steps here, so the multi-process path of the restarts is exercised too."""
+"""Train every stage of the debug preset for a few steps in one run folder, alone or under torchrun:
+
+    python tests/train_all_stages.py DIR [--in-two-parts] [--accum K]
+    torchrun --nproc-per-node N tests/train_all_stages.py DIR ...
+
+--in-two-parts stops each stage at step 2 and resumes it; --accum K computes each step in K micro-batches.
+test_train.py compares the runs. Dead-code restarts of the tokenizer run every 2 steps here, so the multi-process path of the restarts is exercised too."""
 import argparse
 from pathlib import Path
 

@@ -9,12 +9,13 @@ an interrupted-and-resumed run is the same as an uninterrupted one.
 
 One code path at every scale (`Runtime`): the same step functions run on a laptop CPU, one accelerator or N
 processes under torchrun (one per device or CPU share). A step's global batch of B examples is split into equal
-contiguous row blocks, one per process; every process draws the whole batch's randomness from the same step
-generator (on the CPU, then moves it) and keeps its rows, so a run's numbers do not depend on the device or the
-number of processes beyond float rounding. Each step function returns its loss as a weighted mean together with
-its weight (rows, or the sum of its loss weights); the processes' gradients of loss * weight / total weight are
-summed, which is exactly the gradient of the whole batch's loss. Process 0 writes the log, plots and checkpoints;
-every process loads the checkpoint on --resume.
+contiguous row blocks, one per process (and micro-batch); every block draws the whole batch's randomness from the
+same step generator (on the CPU, then moves it) and keeps its rows, so a run's numbers do not depend on the device
+or the number of processes beyond float rounding. Each step function returns its loss as a weighted mean together with
+its weight (rows, or the sum of its loss weights); the gradients of loss * weight are summed over blocks and
+processes and divided by the total weight, which is exactly the gradient of the whole batch's loss. The same
+split into micro-batches within a process (--accum) trades speed for activation memory. Process 0 writes the log,
+plots and checkpoints; every process loads the checkpoint on --resume.
 
 Run folder layout (one folder per model, one sub-folder per stage):
   DIR/<stage>/ckpt.pt        model(s) + optimizer + step + RNG states (written atomically every ckpt_every steps)

@@ -58,7 +58,7 @@ class ShardSource:
                     directory, _, name = m.name.rpartition("/")
                     stem, dot, ext = name.partition(".")
                     if m.isfile() and dot:
-                        groups.setdefault(f"{directory}/{stem}", {})[ext.lower()] = m
+                        groups.setdefault(f"{directory}/{stem}" if directory else stem, {})[ext.lower()] = m
             for key, members in groups.items():
                 image = next((members[e] for e in IMAGE_EXTS if e in members), None)
                 caption = next((members[e] for e in CAPTION_EXTS if e in members), None)

@@ -107,7 +107,8 @@ def vae_scale(vae) -> int:
 
 
 def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int], gen: torch.Generator,
-                  size: int, code_weights: Tensor | None = None, rows: slice = slice(None)) -> tuple[Tensor, Tensor, dict]:
+                  size: int, code_weights: Tensor | None = None,
+                  rows: slice = slice(None)) -> tuple[Tensor, Tensor | int, dict]:
     """The batch idx's flow-matching loss over its `rows` (this process's block): (loss, weight, metrics).
 
     Randomness is drawn for the whole batch and then sliced, so the rows' numbers do not depend on the split.

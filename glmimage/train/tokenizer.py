@@ -134,7 +134,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         B, g = full.shape[0], full.shape[-1] // op
         target = full.view(B, 3, g, op, g, op).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, -1)
         pix_loss = F.mse_loss(heads.pixels(h), target)
-        hits = rt.sum(torch.bincount(ids.flatten(), minlength=tok.cfg.n_codes))       # the whole batch's
+        hits = rt.sum(torch.bincount(ids.flatten(), minlength=tok.cfg.n_codes))       # summed over processes
         heads.usage += hits
         if rt.micro == 0:
             state["z"] = []
