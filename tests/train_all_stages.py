@@ -4,7 +4,8 @@
     torchrun --nproc-per-node N tests/train_all_stages.py DIR ...
 
 --in-two-parts stops each stage at step 2 and resumes it; --accum K computes each step in K micro-batches.
-test_train.py compares the runs. Dead-code restarts of the tokenizer run every 2 steps here, so the multi-process path of the restarts is exercised too."""
+test_train.py compares the runs. Dead-code restarts of the tokenizer run every 2 steps here, so the
+multi-process path of the restarts is exercised too."""
 import argparse
 from pathlib import Path
 

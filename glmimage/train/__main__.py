@@ -41,6 +41,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any, else cpu), cpu, cuda, npu, mps, ...")
     p.add_argument("--precision", default="fp32", help="fp32, or bf16 (autocast; weights and optimizer stay fp32)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="keep a moving average of the weights with this decay (e.g. 0.999); later stages and export "
+                        "use it (default: the preset's, 0 = none)")
     p.add_argument("--accum", type=int, default=1,
                    help="micro-batches per step and process (same global batch, 1/accum of the activation memory)")
 
@@ -63,6 +66,10 @@ def run_train(args) -> None:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     rt = setup_runtime(args.device, args.precision, args.accum)
+    if args.ema is not None:
+        if not 0 <= args.ema < 1:
+            raise ValueError(f"--ema is a decay in [0, 1), e.g. 0.999; got {args.ema}")
+        preset.stages[args.stage].ema = args.ema
     fn = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
           "decoder": decoder.train}[args.stage]
     kwargs = {"object_weight": args.object_weight} if args.object_weight is not None else {}

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from glmimage.ar import ARConfig, ARModel, sample_positions
 from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
-from glmimage.train.common import Runtime, load_stage, train_loop
+from glmimage.train.common import Runtime, load_stage, train_loop, trained_weights
 from glmimage.train.data import make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -82,7 +82,7 @@ def code_is_object(preset: TrainPreset, run_dir: Path) -> Tensor:
     from glmimage.train.tokenizer import Heads, post_quant
     vq = load_tokenizer(preset, run_dir)
     heads = Heads(vq.cfg.dim, vq.cfg.n_codes, preset.ar_token_px)
-    heads.load_state_dict(load_stage(run_dir, "tokenizer")["models"]["heads"])
+    heads.load_state_dict(trained_weights(load_stage(run_dir, "tokenizer"), "heads"))
     with torch.no_grad():
         e = F.normalize(vq.vq.quantize.embedding.weight, dim=-1)
         return heads.label(post_quant(vq, e)).argmax(-1) >= NUM_BACKGROUND_LABELS

@@ -18,7 +18,8 @@ split into micro-batches within a process (--accum) trades speed for activation 
 plots and checkpoints; every process loads the checkpoint on --resume.
 
 Run folder layout (one folder per model, one sub-folder per stage):
-  DIR/<stage>/ckpt.pt        model(s) + optimizer + step + RNG states (written atomically every ckpt_every steps)
+  DIR/<stage>/ckpt.pt        model(s) + optimizer + step + RNG states (written atomically every ckpt_every steps),
+                             and the weights' moving average when the stage keeps one (cfg.ema > 0)
   DIR/<stage>/log.jsonl      one line per step: {"step", "loss", <stage metrics>, "lr", "time"}
   DIR/<stage>/loss.png       the loss curve (PIL), redrawn at every checkpoint
 """
@@ -161,6 +162,12 @@ def load_stage(run_dir: Path, stage: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def trained_weights(ck: dict, name: str) -> dict:
+    """One model's weights in a stage checkpoint, as later stages and export use them: the moving average where
+    the stage kept one (--ema), the trained weights otherwise."""
+    return {**ck["models"][name], **ck.get("ema", {}).get(name, {})}
+
+
 def read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -258,11 +265,24 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         log_path.write_text("")
     for m in models.values():
         m.train()
+    # the moving average of the trainable weights (from the checkpoint's when resuming, else from the weights now)
+    names = {id(p): (mn, pn) for mn, m in models.items() for pn, p in m.named_parameters()}
+    assert all(id(p) in names for p in trainable), "every trainable parameter belongs to a saved model"
+    ema = [p.detach().clone() for p in trainable] if cfg.ema else []
+    if ema and resume and ckpt_path.exists() and "ema" in ck:
+        for p, e in zip(trainable, ema):
+            mn, pn = names[id(p)]
+            e.copy_(ck["ema"][mn][pn])
 
     def save(step: int) -> None:
         state = {"stage": stage, "step": step, "models": {n: m.state_dict() for n, m in models.items()},
                  "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                  "data_position": step * cfg.batch, "seed": seed, "extra": extra() if extra else {}}
+        if ema:
+            state["ema"] = {}
+            for p, e in zip(trainable, ema):
+                mn, pn = names[id(p)]
+                state["ema"].setdefault(mn, {})[pn] = e.clone()
         atomic_save(state, ckpt_path)
         plot_losses(read_log(log_path), out_dir / "loss.png", f"{stage}: training loss", plot_keys)
 
@@ -303,6 +323,10 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
+            if ema:                                         # the decay ramps up: (1 + step) / (10 + step) early on
+                w = 1 - min(cfg.ema, (1 + step) / (10 + step))
+                for p, e in zip(trainable, ema):
+                    e.lerp_(p.detach(), w)
             if after_step is not None:
                 after_step(step, gen)
             rec = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},

@@ -32,7 +32,7 @@ from torch import Tensor
 from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
-from glmimage.train.common import Runtime, atomic_save, load_stage, train_loop
+from glmimage.train.common import Runtime, atomic_save, load_stage, train_loop, trained_weights
 from glmimage.train.data import make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -64,7 +64,7 @@ def build_dit(preset: TrainPreset, seed: int) -> DiT:
 def load_vae(preset: TrainPreset, run_dir: Path):
     from glmimage.train.vae import build_vae
     vae = build_vae(preset, 0)
-    vae.load_state_dict(load_stage(run_dir, "vae")["models"]["vae"])
+    vae.load_state_dict(trained_weights(load_stage(run_dir, "vae"), "vae"))
     stats = json.loads((Path(run_dir) / "vae" / "stats.json").read_text())
     mean = torch.tensor(stats["latents_mean"]).view(1, -1, 1, 1)
     std = torch.tensor(stats["latents_std"]).view(1, -1, 1, 1)

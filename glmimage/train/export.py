@@ -18,7 +18,7 @@ import torch
 from glmimage import loading
 from glmimage.ar import AR_KEY_PREFIXES
 from glmimage.random_checkpoint import MODEL_INDEX, write_common
-from glmimage.train.common import load_stage
+from glmimage.train.common import load_stage, trained_weights
 from glmimage.train.presets import TrainPreset, get_preset, model_configs
 from glmimage.vision import VISION_KEY_PREFIXES
 
@@ -62,15 +62,15 @@ def load_models(preset: TrainPreset, run_dir: Path) -> dict:
 
     vae, mean, std = decoder.load_vae(preset, run_dir)
     if (Path(run_dir) / "vae_decoder" / "ckpt.pt").exists():       # the decoder-only fine-tune, when run
-        vae.load_state_dict(load_stage(run_dir, "vae_decoder")["models"]["vae"])
+        vae.load_state_dict(trained_weights(load_stage(run_dir, "vae_decoder"), "vae"))
     vq = tokenizer.load_tokenizer(preset, run_dir)
     ar_ck = load_stage(run_dir, "ar")
     tok = Tokenizer.from_str(ar_ck["extra"]["text_tokenizer"])
     model = ar.build_ar(preset, ar.text_vocab_size(tok, preset), 0)
-    model.load_state_dict(ar_ck["models"]["ar"])
+    model.load_state_dict(trained_weights(ar_ck, "ar"))
     dec_ck = load_stage(run_dir, "decoder")
     dit = decoder.build_dit(preset, 0)
-    dit.load_state_dict(dec_ck["models"]["dit"])
+    dit.load_state_dict(trained_weights(dec_ck, "dit"))
     glyph = decoder.build_glyph(preset, 0)
     glyph.t5.load_state_dict(dec_ck["models"]["glyph"])
     return dict(vae=vae, latents_mean=mean.flatten().tolist(), latents_std=std.flatten().tolist(), vq=vq,

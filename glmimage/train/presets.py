@@ -25,6 +25,7 @@ class StageConfig:
     ckpt_every: int = 200
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    ema: float = 0.0        # decay of an exponential moving average of the weights (0: none; --ema overrides)
 
 
 @dataclass

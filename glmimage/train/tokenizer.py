@@ -94,9 +94,9 @@ def encode_batch(tok: ImageTokenizer, images, preset: TrainPreset) -> Tensor:
 
 
 def load_tokenizer(preset: TrainPreset, run_dir: Path) -> ImageTokenizer:
-    from glmimage.train.common import load_stage
+    from glmimage.train.common import load_stage, trained_weights
     tok = build_tokenizer(preset, 0)
-    tok.load_state_dict(load_stage(run_dir, "tokenizer")["models"]["tokenizer"])
+    tok.load_state_dict(trained_weights(load_stage(run_dir, "tokenizer"), "tokenizer"))
     return tok.eval().requires_grad_(False)
 
 

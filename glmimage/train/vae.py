@@ -91,12 +91,12 @@ def train_decoder(preset: TrainPreset, out: Path, data: str = "synthetic", steps
                   resume: bool = False, seed: int = 0, progress: bool = True, stop_at: int | None = None,
                   rt: Runtime | None = None) -> list[dict]:
     from glmimage.data.scenes import BACKGROUNDS
-    from glmimage.train.common import load_stage
+    from glmimage.train.common import load_stage, trained_weights
     rt = rt or Runtime()
     cfg = preset.stages["vae_decoder"]
     steps = steps or cfg.steps
     vae = build_vae(preset, seed)
-    vae.load_state_dict(load_stage(out, "vae")["models"]["vae"])
+    vae.load_state_dict(trained_weights(load_stage(out, "vae"), "vae"))
     vae.encoder.requires_grad_(False)
     trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters() if vae.post_quant_conv
                                                        else [])
