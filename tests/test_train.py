@@ -239,3 +239,17 @@ def test_ema_resumes_exactly_and_is_what_later_stages_use(runs, tmp_path):
     assert any(not torch.equal(weights[k], ck_a["models"]["dit"][k]) for k in weights)
     exported = load_models(preset, tmp_path / "a")["dit"].state_dict()
     assert all(torch.equal(exported[k], weights[k]) for k in weights)
+
+
+def test_train_command_flags(tmp_path, capsys):
+    """`glmimage train` passes --ema, --ckpt-every, --precision and --accum through, and refuses bad values."""
+    from glmimage.train.__main__ import main
+    main(["train", "vae", "--preset", "debug", "--out", str(tmp_path), "--steps", "2", "--ckpt-every", "1",
+          "--ema", "0.5", "--precision", "bf16", "--accum", "2", "--device", "cpu"])
+    ck = load_stage(tmp_path, "vae")
+    assert ck["step"] == 2 and set(ck["ema"]) == {"vae"}
+    for bad, message in ((["--ema", "1.5"], "--ema is a decay"), (["--ckpt-every", "0"], "--ckpt-every must be"),
+                         (["--accum", "0"], "--accum must be"), (["--precision", "fp16"], "choose one of fp32, bf16")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "vae", "--preset", "debug", "--out", str(tmp_path), "--steps", "2", *bad])
+        assert e.value.code == 2 and message in capsys.readouterr().err

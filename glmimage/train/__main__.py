@@ -44,6 +44,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=float, default=None,
                    help="keep a moving average of the weights with this decay (e.g. 0.999); later stages and export "
                         "use it (default: the preset's, 0 = none)")
+    p.add_argument("--ckpt-every", type=int, default=None,
+                   help="write the checkpoint every N steps (default: the preset's; always at the end)")
     p.add_argument("--accum", type=int, default=1,
                    help="micro-batches per step and process (same global batch, 1/accum of the activation memory)")
 
@@ -70,6 +72,10 @@ def run_train(args) -> None:
         if not 0 <= args.ema < 1:
             raise ValueError(f"--ema is a decay in [0, 1), e.g. 0.999; got {args.ema}")
         preset.stages[args.stage].ema = args.ema
+    if args.ckpt_every is not None:
+        if args.ckpt_every < 1:
+            raise ValueError(f"--ckpt-every must be a positive number of steps, got {args.ckpt_every}")
+        preset.stages[args.stage].ckpt_every = args.ckpt_every
     fn = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
           "decoder": decoder.train}[args.stage]
     kwargs = {"object_weight": args.object_weight} if args.object_weight is not None else {}

@@ -127,7 +127,7 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", accum: int = 1)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type != "cpu":
         dev = torch.device(dev.type, local)
-        torch.accelerator.set_device_index(local)
+        getattr(torch, dev.type).set_device(local)          # torch.cuda / torch.npu / torch.xpu
     if not dist.is_initialized():
         backend = {"cuda": "nccl", "npu": "hccl", "xpu": "xccl"}.get(dev.type, "gloo")
         dist.init_process_group(backend)
