@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glmimage.quantize import Int8Linear
+
 
 @dataclass
 class ARConfig:
@@ -159,12 +161,15 @@ class Attention(nn.Module):
     def fuse_qkv(self) -> None:
         """Inference layout: one (H+2K)·D x dim GEMM (`qkv_proj`) replaces q_proj, k_proj and v_proj (their
         weights move into it; none is held twice). The state dict then has qkv_proj instead of the official keys."""
-        qkv = nn.Linear(self.q_proj.in_features, 1, bias=True, device="meta")
-        qkv.weight = nn.Parameter(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach(),
-                                  requires_grad=False)
-        qkv.bias = nn.Parameter(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]).detach(),
-                                requires_grad=False)
-        qkv.out_features = qkv.weight.shape[0]
+        if isinstance(self.q_proj, Int8Linear):           # quantized as loaded: int8 rows and their scales
+            qkv = Int8Linear.cat([self.q_proj, self.k_proj, self.v_proj])
+        else:
+            qkv = nn.Linear(self.q_proj.in_features, 1, bias=True, device="meta")
+            qkv.weight = nn.Parameter(torch.cat([self.q_proj.weight, self.k_proj.weight,
+                                                 self.v_proj.weight]).detach(), requires_grad=False)
+            qkv.bias = nn.Parameter(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]).detach(),
+                                    requires_grad=False)
+            qkv.out_features = qkv.weight.shape[0]
         del self.q_proj, self.k_proj, self.v_proj
         self.qkv_proj = qkv
 

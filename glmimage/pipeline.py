@@ -13,7 +13,6 @@ Stages, in order (each a plain call you can run alone):
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import random
 import time
@@ -114,24 +113,6 @@ class SamplingDefaults:
 
 
 @functools.cache
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim            # glibc (Linux); elsewhere there is none
-    except (OSError, AttributeError):
-        return None
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps freed blocks under
-    its (adaptive, up to 32 MB) mmap threshold in the heap, so a load's read buffers and pre-cast or pre-int8
-    copies, and a released stage's weights, otherwise stay resident (measured, bf16 + int8 + offload + compile on
-    the medium preset: the AR's second load left 1.49 GB resident where the first left 0.66 GB)."""
-    trim = _libc_malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
 def _shared_velocity() -> Callable:
     """DiT.velocity compiled with the weights as inputs: one compiled function for every DiT object of the same
     shapes and dtype (offload on a CPU reads the DiT from disk again for each image)."""
@@ -206,13 +187,11 @@ class Pipeline:
         if name == "ar":
             with torch.device("meta"):
                 m = ARModel(self.ar_cfg)
-            m = loading.load_weights(m, self.vle_dir, AR_KEY_PREFIXES, device=device, dtype=self.dtype,
-                                     skip_prefixes=tuple(VISION_KEY_PREFIXES),
-                                     copy_prefixes=("decoder.layers.",) if self.int8 else ())
-            m = m.eval().fuse()
-            if self.int8:                     # the decode streams these weights: 1 byte each instead of 2 or 4
+            if self.int8:     # the decode streams these weights: 1 byte each instead of 2 or 4; quantized as read
                 quantize_int8(m.decoder.layers)
-            return m
+            m = loading.load_weights(m, self.vle_dir, AR_KEY_PREFIXES, device=device, dtype=self.dtype,
+                                     skip_prefixes=tuple(VISION_KEY_PREFIXES))
+            return m.eval().fuse()
         if name == "image_tokenizer":
             with torch.device("meta"):
                 m = ImageTokenizer(self.vision_cfg)
@@ -236,9 +215,9 @@ class Pipeline:
         if name not in self._mods:
             host = self.offload and self.device.type != "cpu"
             if self.offload and not host:
-                trim_heap()                       # what earlier stages freed goes back before this one loads
+                loading.trim_heap()                       # what earlier stages freed goes back before this one loads
             self._mods[name] = self._load(name, torch.device("cpu") if host else self.device)
-            trim_heap()                           # and the load's own temporaries (read buffers, pre-cast copies)
+            loading.trim_heap()                           # and the load's own temporaries (read buffers, pre-cast copies)
             if host:
                 self._host[name] = pin_weights(self._mods[name])
         return self._mods[name]
@@ -259,7 +238,7 @@ class Pipeline:
             if self.offload:
                 if self.device.type == "cpu":
                     del self._mods[name]          # released; read again from disk when next needed
-                    trim_heap()
+                    loading.trim_heap()
                 else:
                     place_weights(self._host[name], None)       # back to the host copies: no copy, device freed
 

@@ -6,12 +6,23 @@ it is used; elsewhere the weight is dequantized on the fly (portable, not faster
 
     from glmimage.quantize import quantize_int8
     quantize_int8(pipe.ar)      # in place; state_dict keys become <name>.weight (int8) and <name>.scales
+
+On the meta device quantize_int8 only lays out the int8 modules; loading.load_weights then quantizes each weight
+as it is read (the whole model never exists in floating point: the load's peak is one tensor above the int8 size).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """[out, in] weight -> (int8 [out, in], scales [out] in w's dtype): symmetric, one absmax / 127 per row."""
+    wf = w.float()
+    scales = (wf.abs().amax(dim=1) / 127).clamp(min=1e-12)                       # [out]
+    q = torch.round(wf / scales[:, None]).clamp(-127, 127).to(torch.int8)         # [out, in]
+    return q, scales.to(w.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -24,11 +35,18 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
-        w = lin.weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)                    # [out]
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)     # [out, in]
-        bias = None if lin.bias is None else lin.bias.detach()
-        return cls(q, scales.to(lin.weight.dtype), bias)
+        w = lin.weight.detach()
+        if w.is_meta:                      # the layout only (the loader quantizes as it reads): nothing to compute
+            q, scales = torch.empty(w.shape, dtype=torch.int8, device="meta"), w.new_empty(w.shape[0])
+        else:
+            q, scales = quantize_rows(w)
+        return cls(q, scales, None if lin.bias is None else lin.bias.detach())
+
+    @classmethod
+    def cat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
+        """One linear whose output rows are the parts' (fused QKV); per-row scales make this exact."""
+        bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+        return cls(torch.cat([p.weight for p in parts]), torch.cat([p.scales for p in parts]), bias)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

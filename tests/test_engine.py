@@ -183,6 +183,20 @@ def test_int8_pipeline_runs_and_stays_close(debug_ckpt, pipe):
     assert q.prior_tokens(PROMPT, 64, 64, seed=0).shape == (2, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_quantized_as_read_equals_quantizing_the_loaded_model(debug_ckpt, dtype):
+    """int8=True quantizes each weight as it is read (the AR never exists in floating point): the same int8 rows
+    and scales, fused QKV included, as loading in `dtype` and then quantizing."""
+    import copy
+    q = Pipeline.from_pretrained(debug_ckpt, dtype=dtype, int8=True).ar
+    layers = quantize_int8(copy.deepcopy(Pipeline.from_pretrained(debug_ckpt, dtype=dtype).ar.decoder.layers))
+    assert isinstance(q.decoder.layers[0].self_attn.qkv_proj, Int8Linear)
+    want, got = layers.state_dict(), q.decoder.layers.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
 def test_offload_gives_the_same_image(debug_ckpt, pipe):
     off = Pipeline.from_pretrained(debug_ckpt, offload=True)
     assert off._mods == {}
