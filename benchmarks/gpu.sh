@@ -35,6 +35,9 @@ if [ "$mode" = smoke ]; then
   # (not -x: test_image_tokens_match_reference fails there on its Pillow/torchvision, not on CUDA)
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_ar.py tests/test_engine.py 2>&1 \
     | tee "$OUT/pytest.txt" | tail -15
+  # training on CUDA (every stage of the debug preset, fp32 and bf16 autocast, against the CPU's losses)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 \
+    | tee "$OUT/pytest-train.txt" | tail -5
   # the medium preset on the GPU: reference fp32 vs ours fp32 (image parity), bf16, bf16 without CUDA graphs,
   # bf16 with offload
   timeout 300 python3 -m glmimage.bench --preset medium --device cuda --warmup 1 --repeat 1 \

@@ -143,6 +143,18 @@ def test_two_processes_train_like_one(parallel_runs, stage):
     assert not list((parallel_runs / "two" / stage).glob("*.tmp"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_stage_trains_on_cuda_like_on_the_cpu(parallel_runs, tmp_path):
+    """The same step functions on a GPU: fp32 within TF32 rounding of the CPU's losses; bf16 autocast runs."""
+    _train_all(tmp_path / "cuda", 1, "--device", "cuda")
+    _train_all(tmp_path / "cuda-bf16", 1, "--device", "cuda", "--precision", "bf16")
+    for stage in STAGES:
+        cpu, gpu, bf16 = ([r["loss"] for r in read_log(root / stage / "log.jsonl")]
+                          for root in (parallel_runs / "one", tmp_path / "cuda", tmp_path / "cuda-bf16"))
+        assert gpu == pytest.approx(cpu, rel=2e-2), stage
+        assert bf16 == pytest.approx(cpu, rel=1e-1), stage
+
+
 def test_runtime_rejects_uneven_split_and_unknown_precision():
     from glmimage.train.common import Runtime, setup_runtime
     with pytest.raises(ValueError, match="split evenly over 3 processes x 1"):

@@ -1,6 +1,6 @@
 """Train every stage of the debug preset for a few steps in one run folder, alone or under torchrun:
 
-    python tests/train_all_stages.py DIR [--in-two-parts] [--accum K]
+    python tests/train_all_stages.py DIR [--in-two-parts] [--accum K] [--device D] [--precision P]
     torchrun --nproc-per-node N tests/train_all_stages.py DIR ...
 
 --in-two-parts stops each stage at step 2 and resumes it; --accum K computes each step in K micro-batches.
@@ -22,10 +22,12 @@ if __name__ == "__main__":
     ap.add_argument("out")
     ap.add_argument("--in-two-parts", action="store_true")
     ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tokenizer.RESTART_EVERY = 2
-    rt = setup_runtime("cpu", "fp32", args.accum)
+    rt = setup_runtime(args.device, args.precision, args.accum)
     preset = get_preset("debug")
     stages = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
               "decoder": decoder.train}
