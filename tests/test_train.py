@@ -77,6 +77,27 @@ def test_decoder_object_weight(runs):
     assert loss(heavy) != pytest.approx(plain, rel=1e-3)
 
 
+def test_decoder_loss_splits_into_row_blocks(runs):
+    """What data parallelism relies on: the loss over row blocks, each weighted by its returned weight, is the whole
+    batch's loss (the same noise, timesteps and dropout per row whatever the split), plain and object-weighted."""
+    full, _ = runs
+    preset = get_preset("debug")
+    cache = torch.load(full / "decoder" / "cache.pt", weights_only=False)
+    dit, glyph = decoder.build_dit(preset, 0), decoder.build_glyph(preset, 0)
+    torch.nn.init.normal_(dit.proj_out.weight, std=0.1)                     # a non-zero output
+    heavy = torch.ones(len(ar.code_is_object(preset, full)))
+    heavy[cache["ids"][0, 0]] = 5.0
+    for w in (None, heavy):
+        def loss(rows):
+            gen = torch.Generator().manual_seed(3)
+            return decoder.velocity_loss(dit, glyph, cache, [0, 1, 2, 3], gen, 64, w, rows)
+
+        whole, _, _ = loss(slice(None))
+        (a, wa, _), (b, wb, _) = loss(slice(0, 2)), loss(slice(2, 4))
+        assert float((a * wa + b * wb) / (wa + wb)) == pytest.approx(float(whole), rel=1e-5)
+        assert float(a) != pytest.approx(float(b), rel=1e-3)
+
+
 def test_export_loads_and_generates(runs, tmp_path):
     from glmimage.pipeline import Pipeline
     from glmimage.train.export import export
