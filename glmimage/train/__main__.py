@@ -28,7 +28,9 @@ STAGES = ("vae", "vae_decoder", "tokenizer", "ar", "decoder")
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--preset", default="small", help="training preset: small or debug")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of images with captions")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic', a folder of images with same-name .txt captions, or tar shards "
+                        "('shards/train-{000..099}.tar')")
     p.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
     p.add_argument("--out", required=True, help="run folder (one sub-folder per stage)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/<stage>/ckpt.pt")
@@ -36,7 +38,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="end this part at that step (checkpointed); --resume later continues the same schedule")
     p.add_argument("--object-weight", type=float, default=None,
                    help="ar and decoder: loss weight of object/text regions vs background ones (default: ar 4, "
-                        "decoder 1)")
+                        "decoder 1; needs --data synthetic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any, else cpu), cpu, cuda, npu, mps, ...")
