@@ -247,13 +247,13 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     for m in models.values():
         m.to(rt.device)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start = 0
+    start, saved_ema = 0, {}
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for name, m in models.items():
             m.load_state_dict(ck["models"][name])
         opt.load_state_dict(ck["optimizer"])
-        start = ck["step"]
+        start, saved_ema = ck["step"], ck.get("ema", {})
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
         if rt.main:
@@ -269,10 +269,10 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     names = {id(p): (mn, pn) for mn, m in models.items() for pn, p in m.named_parameters()}
     assert all(id(p) in names for p in trainable), "every trainable parameter belongs to a saved model"
     ema = [p.detach().clone() for p in trainable] if cfg.ema else []
-    if ema and resume and ckpt_path.exists() and "ema" in ck:
+    if ema and saved_ema:
         for p, e in zip(trainable, ema):
             mn, pn = names[id(p)]
-            e.copy_(ck["ema"][mn][pn])
+            e.copy_(saved_ema[mn][pn])
 
     def save(step: int) -> None:
         state = {"stage": stage, "step": step, "models": {n: m.state_dict() for n, m in models.items()},

@@ -32,7 +32,7 @@ class FolderSource:
     t2i only: {"kind": "t2i", "image", "caption"}. Example i is image i mod len(folder)."""
 
     def __init__(self, path: str, size: int):
-        from glmimage.data.folder import ImageTextFolder  # written by the data owner
+        from glmimage.data.folder import ImageTextFolder
         self.folder = ImageTextFolder(path, size=size)
 
     def example(self, i: int) -> dict:
