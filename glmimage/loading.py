@@ -109,20 +109,22 @@ def read_tensor(fh, data_start: int, info: dict) -> torch.Tensor:
 
 def load_weights(module: nn.Module, folder: Path, prefixes: dict[str, str] | None = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 skip_prefixes: tuple[str, ...] = ()) -> nn.Module:
+                 skip_prefixes: tuple[str, ...] = (), select: Callable[[str], bool] | None = None) -> nn.Module:
     """Assign the weights in `folder` to `module` (built on meta), strictly.
 
     prefixes: checkpoint-key prefix -> module-key prefix (keys that match none are unexpected);
     None keeps keys as they are. skip_prefixes: checkpoint keys to ignore (they belong to another module).
     Floating-point tensors are cast to `dtype`; others keep theirs. A floating-point weight whose module entry is
     int8 (a quantize.Int8Linear laid out on meta) is cast, then quantized as it is read, with its `scales` beside it:
-    the module never exists in floating point.
+    the module never exists in floating point. select: load only the module keys it accepts (all of them must be in
+    the checkpoint); the others stay on meta, and their checkpoint entries are not read (a stage loaded in parts).
     """
     from safetensors import safe_open
 
     from glmimage.quantize import quantize_rows
 
     expected = {k: v.dtype for k, v in module.state_dict().items()}
+    wanted = {k for k in expected if select is None or select(k)}
     freed = 0
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -146,6 +148,8 @@ def load_weights(module: nn.Module, folder: Path, prefixes: dict[str, str] | Non
                 if name not in expected:
                     unexpected.append(key)
                     continue
+                if name not in wanted:
+                    continue
                 stored = SAFETENSORS_DTYPES.get(header[key]["dtype"])
                 cast = dtype is not None and stored is not None and stored.is_floating_point and stored != dtype
                 quantize = expected[name] == torch.int8 and stored is not None and stored.is_floating_point
@@ -163,13 +167,13 @@ def load_weights(module: nn.Module, folder: Path, prefixes: dict[str, str] | Non
                     if freed >= TRIM_EVERY:
                         trim_heap()
                         freed = 0
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(wanted - set(state))
     if missing or unexpected:
         def show(keys):
             return ", ".join(keys[:12]) + (f" ... ({len(keys)} in all)" if len(keys) > 12 else "")
         raise ValueError(f"checkpoint {folder} does not match {type(module).__name__}: "
                          f"missing keys [{show(missing)}]; unexpected keys [{show(sorted(unexpected))}]")
-    module.load_state_dict(state, strict=True, assign=True)
+    module.load_state_dict(state, strict=select is None, assign=True)
     return module
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from glmimage import loading
 from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, cpu_compile, generate_prior, sync
 from glmimage.dit import CPU_COMPILE_OPTIONS as DIT_CPU_COMPILE_OPTIONS
-from glmimage.dit import DiT, DiTConfig
+from glmimage.dit import DiT, DiTConfig, adaln_key
 from glmimage.glyph import GlyphEncoder
 from glmimage.prompt import PromptTokenizer, collate
 from glmimage.quantize import quantize_int8
@@ -61,7 +61,7 @@ def pin_weights(component) -> list:
     for mod in root.modules():
         for kind, tensors in (("param", mod._parameters), ("buffer", mod._buffers)):
             for name, t in tensors.items():
-                if t is not None:
+                if t is not None and t.device.type != "meta":      # meta: loaded by another part of the stage
                     entries.append((mod, kind, name, t.data))
     for i, (mod, kind, name, t) in enumerate(entries):
         key = t.untyped_storage().data_ptr()
@@ -124,7 +124,9 @@ class Pipeline:
 
     offload=True keeps a stage resident only while it runs: on an accelerator the others wait in pinned host
     memory (copied in when their stage starts, dropped when it ends: nothing is copied back); on a CPU a finished
-    stage is released and read again from disk (memory-mapped safetensors) when next needed.
+    stage is released and read again from disk (memory-mapped safetensors) when next needed. The DiT then runs in
+    two parts: its AdaLN weights ("dit_adaln": every step's AdaLN vectors at once), then the rest ("dit"), never
+    both resident.
     """
 
     def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, offload: bool = False,
@@ -176,7 +178,7 @@ class Pipeline:
         # load everything now, so errors surface at once (offload on an accelerator: into pinned host memory;
         # offload on a CPU reads each stage from disk when it runs)
         if not offload or pipe.device.type != "cpu":
-            for name in ("ar", "image_tokenizer", "dit", "glyph", "vae"):
+            for name in ("ar", "image_tokenizer", "dit", "glyph", "vae") + (("dit_adaln",) if offload else ()):
                 getattr(pipe, name)
         return pipe
 
@@ -197,13 +199,17 @@ class Pipeline:
                 m = ImageTokenizer(self.vision_cfg)
             return loading.load_weights(m, self.vle_dir, VISION_KEY_PREFIXES, device=device, dtype=self.dtype,
                                         skip_prefixes=tuple(AR_KEY_PREFIXES)).eval()
-        if name == "dit":
+        if name in ("dit", "dit_adaln"):
             with torch.device("meta"):
                 m = DiT(self.dit_cfg)
-            m = loading.load_weights(m, self.root / "transformer", None, device=device, dtype=self.dtype)
-            m = m.eval().fuse()
-            if self.compiled:
-                self._compile_dit(m)
+            # offload: "dit_adaln" holds only the AdaLN weights and "dit" everything else (the other part on meta)
+            select = (adaln_key if name == "dit_adaln" else lambda k: not adaln_key(k)) if self.offload else None
+            m = loading.load_weights(m, self.root / "transformer", None, device=device, dtype=self.dtype,
+                                     select=select).eval()
+            if name == "dit":
+                m.fuse()
+                if self.compiled:
+                    self._compile_dit(m)
             return m
         if name == "glyph":
             return GlyphEncoder.from_folder(self.root / "text_encoder", device=device, dtype=self.dtype).eval()
@@ -452,24 +458,31 @@ class Pipeline:
                            for x in self._seeds(seed, B)])                                 # [B, C, h, w]
         grid_hw = (height // self.dit_token_px, width // self.dit_token_px)
         ref_latents = self.encode_reference_latents(images, ref_ids, timings) if len(images) else None
+        timesteps, sigmas = make_schedule(num_inference_steps, grid_hw[0] * grid_hw[1], self.scheduler_config)
+        # every step's AdaLN vectors at once (they depend only on t, size and crop; the same for both CFG branches)
+        # and the reference passes': with offload from the DiT's AdaLN part, freed before the rest loads
+        with self._stage("dit_adaln" if self.offload else "dit", timings) as adaln:
+            n = len(timesteps)
+            size = torch.tensor([[height, width]], dtype=torch.float32, device=self.device).expand(n, 2)
+            mods = adaln.modulation(adaln.embed_vec(timesteps.to(self.device), size, torch.zeros_like(size)))
+            ref_mods = [adaln.reference_modulation(hw, self.device) for hw in ref_latents[2]] if ref_latents else None
+        del adaln
         with self._stage("dit", timings) as dit:
-            ref_kv = dit.reference_kv(*ref_latents) if ref_latents is not None else None
-            latents = self._denoise(dit, noise, (glyph, glyph_len), glyph_neg, prior, ref_kv, grid_hw, height,
-                                    width, num_inference_steps, guidance_scale, callback)
+            ref_kv = dit.reference_kv(*ref_latents, mods=ref_mods) if ref_latents is not None else None
+            latents = self._denoise(dit, noise, (glyph, glyph_len), glyph_neg, prior, ref_kv, grid_hw, mods,
+                                    timesteps, sigmas, guidance_scale, callback)
         del dit, ref_kv               # with offload the DiT is freed before the VAE loads (not held through it)
         if timings is not None:
+            timings["dit"] += timings.pop("dit_adaln", 0.0)
             timings["dit_per_step"] = timings["dit"] / num_inference_steps
 
         # 5. decode
         with self._stage("vae", timings) as vae:
             return pixels_to_pil(vae.decode(latents))
 
-    def _denoise(self, dit: DiT, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, height, width, steps, guidance,
+    def _denoise(self, dit: DiT, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, mods, timesteps, sigmas, guidance,
                  callback):
         B = noise.shape[0]
-        timesteps, sigmas = make_schedule(steps, grid_hw[0] * grid_hw[1], self.scheduler_config)
-        size = torch.tensor([[height, width]], dtype=torch.float32, device=self.device)
-        crop = torch.zeros(1, 2, dtype=torch.float32, device=self.device)
         glyph, glyph_len = glyph
         ctx_c = dit.context(glyph, prior, False, grid_hw, txt_len=glyph_len)
         ctx_u = dit.context(glyph_neg, prior, True, grid_hw) if guidance > 1 else None
@@ -478,9 +491,6 @@ class Pipeline:
             ctx_c = ctx_c._replace(ref_kv=dit.prefix_buffers(ref_kv, B, num_new))
         batch_cfg = ctx_u is not None and ref_kv is None          # t2i: both branches in one forward
         ctx_cfg = dit.batch_cfg(ctx_c, ctx_u) if batch_cfg else None
-        # every step's AdaLN vectors at once: they depend only on (t, size, crop), the same for both branches
-        n = len(timesteps)
-        mods = dit.modulation(dit.embed_vec(timesteps.to(self.device), size.expand(n, 2), crop.expand(n, 2)))
 
         shared = self.compiled and self.offload and self.device.type == "cpu"
         forward = functools.partial(_shared_velocity(), dit) if shared else dit.velocity

@@ -164,6 +164,37 @@ def test_two_processes_train_like_one(parallel_runs, stage):
     assert not list((parallel_runs / "two" / stage).glob("*.tmp"))
 
 
+@pytest.fixture(scope="module")
+def sharded_runs(parallel_runs):
+    """The ar and decoder stages in 2 processes with their weights sharded (FSDP2), whole and stopped at step 2
+    then resumed, over the 2-process run's VAE and tokenizer."""
+    import shutil
+    for run in ("shard", "shard_parts"):
+        for stage in ("vae", "vae_decoder", "tokenizer"):
+            shutil.copytree(parallel_runs / "two" / stage, parallel_runs / run / stage)
+    _train_all(parallel_runs / "shard", 2, "--shard")
+    _train_all(parallel_runs / "shard_parts", 2, "--shard", "--in-two-parts")
+    return parallel_runs
+
+
+@pytest.mark.parametrize("stage", ["ar", "decoder"])
+def test_sharded_weights_train_like_whole_ones(sharded_runs, stage):
+    """--shard (each process holds half of every trainable weight, gradient and moment) gives the losses of the
+    unsharded 2-process run, resumes exactly, and writes the same whole, plain checkpoint (loadable anywhere)."""
+    two, shard, parts = ([r["loss"] for r in read_log(sharded_runs / run / stage / "log.jsonl")]
+                         for run in ("two", "shard", "shard_parts"))
+    assert len(shard) == 4 and shard == pytest.approx(two, rel=2e-4)
+    assert parts == shard
+    want, got = load_stage(sharded_runs / "two", stage), load_stage(sharded_runs / "shard", stage)
+    for name, sd in want["models"].items():
+        assert set(got["models"][name]) == set(sd)
+        for k, v in sd.items():
+            assert type(got["models"][name][k]) is torch.Tensor and got["models"][name][k].shape == v.shape, k
+            assert torch.allclose(got["models"][name][k], v, rtol=1e-3, atol=1e-5), k
+    moments = [st["exp_avg"] for st in got["optimizer"]["state"].values()]
+    assert moments and all(type(m) is torch.Tensor for m in moments)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_every_stage_trains_on_cuda_like_on_the_cpu(parallel_runs, tmp_path):
     """The same step functions on a GPU: fp32 within TF32 rounding of the CPU's losses; bf16 autocast runs."""
@@ -186,6 +217,8 @@ def test_runtime_rejects_uneven_split_and_unknown_precision():
         setup_runtime("cpu", "fp32", accum=0)
     with pytest.raises(ValueError, match="fp32, bf16"):
         setup_runtime("cpu", "fp8")
+    with pytest.raises(ValueError, match="torchrun"):
+        setup_runtime("cpu", "fp32", shard=True)            # one process: nothing to shard over
 
 
 def test_decoder_trains_in_bf16_autocast(runs, tmp_path):

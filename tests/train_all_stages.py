@@ -1,9 +1,10 @@
 """Train every stage of the debug preset for a few steps in one run folder, alone or under torchrun:
 
     python tests/train_all_stages.py DIR [--in-two-parts] [--accum K] [--device D] [--precision P]
-    torchrun --nproc-per-node N tests/train_all_stages.py DIR ...
+    torchrun --nproc-per-node N tests/train_all_stages.py DIR ... [--shard]
 
---in-two-parts stops each stage at step 2 and resumes it; --accum K computes each step in K micro-batches.
+--in-two-parts stops each stage at step 2 and resumes it; --accum K computes each step in K micro-batches;
+--shard trains the ar and decoder stages only, their weights sharded over the processes (FSDP2).
 test_train.py compares the runs. Dead-code restarts of the tokenizer run every 2 steps here, so the
 multi-process path of the restarts is exercised too."""
 import argparse
@@ -24,14 +25,17 @@ if __name__ == "__main__":
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--shard", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tokenizer.RESTART_EVERY = 2
-    rt = setup_runtime(args.device, args.precision, args.accum)
+    rt = setup_runtime(args.device, args.precision, args.accum, args.shard)
     preset = get_preset("debug")
     stages = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
               "decoder": decoder.train}
     for name, train in stages.items():
+        if args.shard and name not in ("ar", "decoder"):
+            continue
         kwargs = {"object_weight": 3.0} if name == "decoder" else {}
         if args.in_two_parts:
             train(preset, Path(args.out), steps=STEPS, progress=False, rt=rt, stop_at=2, **kwargs)

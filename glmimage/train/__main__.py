@@ -12,6 +12,7 @@ Any stage runs on any device (--device, default: the accelerator when there is o
 and the same numbers up to float rounding:
 
     torchrun --nproc-per-node 8 -m glmimage.train decoder --preset small --out runs/small
+    torchrun --nproc-per-node 8 -m glmimage.train ar --shard ...    # weights, grads, optimizer split 8 ways (FSDP2)
 
 Every stage writes DIR/<stage>/{ckpt.pt,log.jsonl,loss.png}; later stages read the earlier ones from the same DIR
 (ar and decoder need the tokenizer; decoder needs the vae). --resume continues from DIR/<stage>/ckpt.pt exactly.
@@ -50,6 +51,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="write the checkpoint every N steps (default: the preset's; always at the end)")
     p.add_argument("--accum", type=int, default=1,
                    help="micro-batches per step and process (same global batch, 1/accum of the activation memory)")
+    p.add_argument("--shard", action="store_true",
+                   help="ar and decoder under torchrun: each process holds 1/N of the weights, gradients and optimizer "
+                        "state (FSDP2), for models larger than one device")
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +73,7 @@ def run_train(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
-    rt = setup_runtime(args.device, args.precision, args.accum)
+    rt = setup_runtime(args.device, args.precision, args.accum, args.shard)
     if args.ema is not None:
         if not 0 <= args.ema < 1:
             raise ValueError(f"--ema is a decay in [0, 1), e.g. 0.999; got {args.ema}")

@@ -195,4 +195,4 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
 
     return train_loop("ar", out, {"ar": model}, list(model.parameters()), step_fn, cfg, seed, steps, resume,
                       extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce"], progress=progress,
-                      stop_at=stop_at, rt=rt)
+                      stop_at=stop_at, rt=rt, shard_units=lambda: ([*model.decoder.layers, model], []))

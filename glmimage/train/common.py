@@ -17,6 +17,12 @@ processes and divided by the total weight, which is exactly the gradient of the 
 split into micro-batches within a process (--accum) trades speed for activation memory. Process 0 writes the log,
 plots and checkpoints; every process loads the checkpoint on --resume.
 
+Models larger than one device (--shard, the ar and decoder stages): each process holds 1/N of every trainable
+weight, its gradient and its optimizer state (FSDP2 `fully_shard`, ZeRO-3 style; the weights of one block are
+gathered just for its forward and backward). The numbers are the same as without sharding; the checkpoint is the
+same full, unsharded file (gathered on process 0 when written, split again when resumed), so a sharded run resumes
+without sharding or on another number of processes, and export reads it as it reads any other.
+
 Run folder layout (one folder per model, one sub-folder per stage):
   DIR/<stage>/ckpt.pt        model(s) + optimizer + step + RNG states (written atomically every ckpt_every steps),
                              and the weights' moving average when the stage keeps one (cfg.ema > 0)
@@ -51,13 +57,15 @@ class Runtime:
     device: the models' and batches' device; autocast: the matmul dtype under torch.autocast (None: fp32);
     rank / world: this process and the number of data-parallel processes (1: no torch.distributed);
     accum: micro-batches per process and step (gradient accumulation: 1/accum of the activations at a time);
-    micro: the micro-batch being computed (set by train_loop)."""
+    micro: the micro-batch being computed (set by train_loop); shard: split the trainable weights over the
+    processes (FSDP2) instead of holding them whole in every one."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast: torch.dtype | None = None
     rank: int = 0
     world: int = 1
     accum: int = 1
     micro: int = 0
+    shard: bool = False
 
     @property
     def main(self) -> bool:
@@ -111,10 +119,48 @@ class Runtime:
         if self.world > 1:
             dist.barrier()
 
+    def fully_shard(self, units: list[nn.Module], methods: list[tuple[nn.Module, str]] = ()) -> None:
+        """Shard each unit's weights over the processes (inner units before the ones that hold them). A unit's
+        weights are gathered around its forward (and, by `methods`, around other methods called from outside a
+        unit's forward) and its gradients reduce-scattered in its backward."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for m in units:
+            fully_shard(m, mesh=mesh)
+        for m, name in methods:
+            register_fsdp_forward_method(m, name)
 
-def setup_runtime(device: str = "auto", precision: str = "fp32", accum: int = 1) -> Runtime:
+
+class ShardRoot(nn.Module):
+    """A training step that calls several parts of a model (not only its forward) runs inside this module's forward
+    (`root(lambda: loss(...))`), so that with --shard FSDP sees one root that gathers and schedules every unit;
+    without sharding it is a plain call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable):
+        return fn()
+
+
+def full(t):
+    """A sharded tensor's whole value (a collective: every process calls it, in the same order); others as they are."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def placed_like(value: Tensor, p: Tensor) -> Tensor:
+    """A whole tensor (e.g. from a checkpoint) laid out like parameter p: p's shard of it when p is sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    value = value.to(p.device if not isinstance(p, DTensor) else p.to_local().device, p.dtype)
+    return distribute_tensor(value, p.device_mesh, p.placements) if isinstance(p, DTensor) else value
+
+
+def setup_runtime(device: str = "auto", precision: str = "fp32", accum: int = 1, shard: bool = False) -> Runtime:
     """The entry point's choice of device and precision; under torchrun (WORLD_SIZE > 1) also the process group:
-    one process per accelerator (LOCAL_RANK), or CPU processes over gloo."""
+    one process per accelerator (LOCAL_RANK), or CPU processes over gloo. shard: FSDP2 over those processes."""
     from glmimage.cli import pick_device
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -122,6 +168,9 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", accum: int = 1)
         raise ValueError(f"--accum must be a positive number of micro-batches, got {accum}")
     dev = pick_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard and world == 1:
+        raise ValueError("--shard splits the weights over processes: launch 2 or more with torchrun "
+                         "(torchrun --nproc-per-node N -m glmimage.train STAGE --shard ...)")
     if world == 1:
         return Runtime(dev, PRECISIONS[precision], accum=accum)
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -131,7 +180,7 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", accum: int = 1)
     if not dist.is_initialized():
         backend = {"cuda": "nccl", "npu": "hccl", "xpu": "xccl"}.get(dev.type, "gloo")
         dist.init_process_group(backend)
-    return Runtime(dev, PRECISIONS[precision], dist.get_rank(), dist.get_world_size(), accum)
+    return Runtime(dev, PRECISIONS[precision], dist.get_rank(), dist.get_world_size(), accum, shard=shard)
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -230,29 +279,47 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                step_fn: StepFn, cfg: StageConfig, seed: int, steps: int, resume: bool,
                extra: Callable[[], dict] | None = None, plot_keys: list[str] | None = None,
                after_step: Callable[[int, torch.Generator], None] | None = None,
-               progress: bool = True, stop_at: int | None = None, rt: Runtime | None = None) -> list[dict]:
+               progress: bool = True, stop_at: int | None = None, rt: Runtime | None = None,
+               shard_units: Callable[[], tuple[list, list]] | None = None) -> list[dict]:
     """Run steps [start, min(steps, stop_at)) of one stage (stop_at: end this part early, checkpointed, so that a
     later --resume continues the same `steps`-long schedule).
 
     step_fn(step, gen) -> (loss, weight, metrics) for this process's rows of the step's batch: loss a weighted mean,
     weight its denominator (the row count for a plain mean over equal rows). models: everything saved in the
     checkpoint (trainable or frozen), by name; moved to rt.device here. extra(): more picklable state saved next to
-    them (e.g. latent statistics). Returns this stage's full log."""
+    them (e.g. latent statistics). shard_units() -> (units, methods) for Runtime.fully_shard, when the stage can be
+    sharded (rt.shard). Returns this stage's full log."""
     from tqdm import tqdm
 
     rt = rt or Runtime()
     out_dir = Path(out_dir) / stage
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+    if rt.shard and shard_units is None:
+        raise ValueError(f"--shard is for the stages with large models (ar, decoder), not {stage}")
     for m in models.values():
         m.to(rt.device)
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start, saved_ema = 0, {}
+    names = {id(p): (mn, pn) for mn, m in models.items() for pn, p in m.named_parameters()}
+    assert all(id(p) in names for p in trainable), "every trainable parameter belongs to a saved model"
+    trainable_names = [names[id(p)] for p in trainable]
+    ck = None
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for name, m in models.items():
-            m.load_state_dict(ck["models"][name])
+            m.load_state_dict(ck["models"][name])          # whole weights, before any sharding
+    if rt.shard:            # sharding replaces the parameters (same names): the trainable list is looked up again
+        rt.fully_shard(*shard_units())
+        params = {mn: dict(m.named_parameters()) for mn, m in models.items()}
+        trainable = [params[mn][pn] for mn, pn in trainable_names]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    start, saved_ema = 0, {}
+    if ck is not None:
         opt.load_state_dict(ck["optimizer"])
+        if rt.shard:                                        # the checkpoint's whole moments -> this process's shard
+            for p in trainable:
+                for k, v in opt.state[p].items():
+                    if torch.is_tensor(v) and v.shape == p.shape and v.dim():
+                        opt.state[p][k] = placed_like(v, p)
         start, saved_ema = ck["step"], ck.get("ema", {})
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
@@ -266,23 +333,25 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     for m in models.values():
         m.train()
     # the moving average of the trainable weights (from the checkpoint's when resuming, else from the weights now)
-    names = {id(p): (mn, pn) for mn, m in models.items() for pn, p in m.named_parameters()}
-    assert all(id(p) in names for p in trainable), "every trainable parameter belongs to a saved model"
     ema = [p.detach().clone() for p in trainable] if cfg.ema else []
     if ema and saved_ema:
-        for p, e in zip(trainable, ema):
-            mn, pn = names[id(p)]
-            e.copy_(saved_ema[mn][pn])
+        ema = [placed_like(saved_ema[mn][pn], p) for p, (mn, pn) in zip(trainable, trainable_names)]
 
     def save(step: int) -> None:
-        state = {"stage": stage, "step": step, "models": {n: m.state_dict() for n, m in models.items()},
-                 "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        """Every process calls it (sharded weights are gathered: a collective); process 0 writes."""
+        models_sd = {n: {k: full(v) for k, v in m.state_dict().items()} for n, m in models.items()}
+        opt_sd = opt.state_dict()
+        opt_sd["state"] = {i: {k: full(v) for k, v in st.items()} for i, st in sorted(opt_sd["state"].items())}
+        ema_sd = {}
+        for e, (mn, pn) in zip(ema, trainable_names):
+            ema_sd.setdefault(mn, {})[pn] = full(e).clone()
+        if not rt.main:
+            return
+        state = {"stage": stage, "step": step, "models": models_sd,
+                 "optimizer": opt_sd, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                  "data_position": step * cfg.batch, "seed": seed, "extra": extra() if extra else {}}
         if ema:
-            state["ema"] = {}
-            for p, e in zip(trainable, ema):
-                mn, pn = names[id(p)]
-                state["ema"].setdefault(mn, {})[pn] = e.clone()
+            state["ema"] = ema_sd
         atomic_save(state, ckpt_path)
         plot_losses(read_log(log_path), out_dir / "loss.png", f"{stage}: training loss", plot_keys)
 
@@ -314,10 +383,15 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                         sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).to(rt.device) / rt.accum
                 rt.micro = 0
                 total = rt.sum(den)
-                rt.reduce_grads(trainable)
-                for p in trainable:
-                    if p.grad is not None:
-                        p.grad.div_(total)
+                if rt.shard:                # FSDP reduce-scattered the gradients as their mean over processes
+                    for p in trainable:
+                        if p.grad is not None:
+                            p.grad.div_(float(total) / rt.world)
+                else:
+                    rt.reduce_grads(trainable)
+                    for p in trainable:
+                        if p.grad is not None:
+                            p.grad.div_(total)
                 loss = rt.sum(num) / total
                 metrics = {k: rt.sum(v) / rt.world for k, v in sums.items()}   # means over equal row blocks
             if cfg.grad_clip:
@@ -334,9 +408,9 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if rt.main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == end):
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
                 save(step + 1)
-    if start >= steps and not ckpt_path.exists() and rt.main:
+    if start >= steps and not ckpt_path.exists():
         save(start)
     rt.barrier()
     return read_log(log_path)

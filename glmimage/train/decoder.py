@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
-from glmimage.train.common import Runtime, atomic_save, load_stage, train_loop, trained_weights
+from glmimage.train.common import Runtime, ShardRoot, atomic_save, load_stage, train_loop, trained_weights
 from glmimage.train.data import make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -107,12 +107,14 @@ def vae_scale(vae) -> int:
 
 
 def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int], gen: torch.Generator,
-                  size: int, code_weights: Tensor | None = None,
-                  rows: slice = slice(None)) -> tuple[Tensor, Tensor | int, dict]:
+                  size: int, code_weights: Tensor | None = None, rows: slice = slice(None),
+                  every_call: bool = False) -> tuple[Tensor, Tensor | int, dict]:
     """The batch idx's flow-matching loss over its `rows` (this process's block): (loss, weight, metrics).
 
     Randomness is drawn for the whole batch and then sliced, so the rows' numbers do not depend on the split.
-    code_weights: [n_codes] loss weight of the latent pixels under each prior code (None: plain MSE)."""
+    code_weights: [n_codes] loss weight of the latent pixels under each prior code (None: plain MSE).
+    every_call: run both row groups (plain, with a reference) even when one is empty, so that every process makes
+    the same module calls whatever its rows (sharded weights are gathered by collectives around each call)."""
     B = len(idx)
     device = dit.proj_out.weight.device
     drop_all = torch.rand(B, generator=gen) < DROP_P
@@ -140,13 +142,16 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
     plain = [b for b in range(B) if b not in with_ref]
     v = torch.zeros_like(x0)
     for group in (plain, with_ref):
-        if not group:
+        if not group and not every_call:
             continue
-        g = torch.tensor(group, device=device)
+        g = torch.tensor(group, dtype=torch.long, device=device)
         ref_kv = None
         if group is with_ref:
-            src = torch.stack([cache["src_latents"][idx[b]] for b in group]).to(device).float()
-            src_ids = torch.stack([cache["src_ids"][idx[b]] for b in group]).to(device)
+            src = x0.new_zeros(0, *x0.shape[1:])                                  # [0, C, h, w] when empty
+            src_ids = ids.new_zeros(0, ids.shape[1])
+            if group:
+                src = torch.stack([cache["src_latents"][idx[b]] for b in group]).to(device).float()
+                src_ids = torch.stack([cache["src_ids"][idx[b]] for b in group]).to(device)
             ref_kv = dit.reference_kv([src], [src_ids], [(size, size)])
         mask = text_key_mask(txt_len[g], txt.shape[1], grid[0] * grid[1], ref_kv)  # hide each text's padding
         ctx = Context(txt[g], prior[g], rope, ref_kv, mask, txt_len[g])
@@ -184,11 +189,27 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     if object_weight != 1:
         code_weights = weight_of_code(preset, out, object_weight).to(rt.device)
 
+    root = ShardRoot(dit)               # the loss calls the DiT's parts one by one: one forward around them all
+
     def step_fn(step: int, gen: torch.Generator):
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7777 + epoch))
         idx = perm[k * cfg.batch:(k + 1) * cfg.batch].tolist()
-        return velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, code_weights, rt.rows(cfg.batch))
+        return root(lambda: velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, code_weights,
+                                          rt.rows(cfg.batch), every_call=rt.shard))
 
     return train_loop("decoder", out, {"dit": dit, "glyph": glyph.t5}, list(dit.parameters()), step_fn, cfg, seed,
-                      steps, resume, plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at, rt=rt)
+                      steps, resume, plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at, rt=rt,
+                      shard_units=lambda: shard_units(root))
+
+
+def shard_units(root: ShardRoot) -> tuple[list[nn.Module], list[tuple[nn.Module, str]]]:
+    """The DiT's FSDP units: every module the loss calls from outside a block (the projectors, the time embedding,
+    each block's AdaLN linear, the output head), each block with its `kv_only` (the reference pass), then the root."""
+    dit = root.model
+    blocks = list(dit.transformer_blocks)
+    units = [b.norm1.linear for b in blocks] + blocks
+    units += [dit.image_projector.proj, dit.glyph_projector, dit.prior_token_embedding, dit.prior_projector,
+              dit.time_condition_embed, dit.norm_out.linear, dit.proj_out]
+    assert {id(p) for m in units for p in m.parameters()} == {id(p) for p in dit.parameters()}
+    return units + [root], [(b, "kv_only") for b in blocks]
