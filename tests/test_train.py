@@ -166,25 +166,28 @@ def test_two_processes_train_like_one(parallel_runs, stage):
 
 @pytest.fixture(scope="module")
 def sharded_runs(parallel_runs):
-    """The ar and decoder stages in 2 processes with their weights sharded (FSDP2), whole and stopped at step 2
-    then resumed, over the 2-process run's VAE and tokenizer."""
+    """The ar and decoder stages in 2 processes with their weights sharded (FSDP2), whole, stopped at step 2 then
+    resumed, and in 2 micro-batches per process, over the 2-process run's VAE and tokenizer."""
     import shutil
-    for run in ("shard", "shard_parts"):
+    for run in ("shard", "shard_parts", "shard_accum"):
         for stage in ("vae", "vae_decoder", "tokenizer"):
             shutil.copytree(parallel_runs / "two" / stage, parallel_runs / run / stage)
     _train_all(parallel_runs / "shard", 2, "--shard")
     _train_all(parallel_runs / "shard_parts", 2, "--shard", "--in-two-parts")
+    _train_all(parallel_runs / "shard_accum", 2, "--shard", "--accum", "2")
     return parallel_runs
 
 
 @pytest.mark.parametrize("stage", ["ar", "decoder"])
 def test_sharded_weights_train_like_whole_ones(sharded_runs, stage):
     """--shard (each process holds half of every trainable weight, gradient and moment) gives the losses of the
-    unsharded 2-process run, resumes exactly, and writes the same whole, plain checkpoint (loadable anywhere)."""
-    two, shard, parts = ([r["loss"] for r in read_log(sharded_runs / run / stage / "log.jsonl")]
-                         for run in ("two", "shard", "shard_parts"))
+    unsharded 2-process run, also with --accum 2, resumes exactly, and writes the same whole, plain checkpoint
+    (loadable anywhere)."""
+    two, shard, parts, accum = ([r["loss"] for r in read_log(sharded_runs / run / stage / "log.jsonl")]
+                                for run in ("two", "shard", "shard_parts", "shard_accum"))
     assert len(shard) == 4 and shard == pytest.approx(two, rel=2e-4)
     assert parts == shard
+    assert accum == pytest.approx(two, rel=2e-4)
     want, got = load_stage(sharded_runs / "two", stage), load_stage(sharded_runs / "shard", stage)
     for name, sd in want["models"].items():
         assert set(got["models"][name]) == set(sd)
