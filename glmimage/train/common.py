@@ -154,7 +154,7 @@ def full(t):
 def placed_like(value: Tensor, p: Tensor) -> Tensor:
     """A whole tensor (e.g. from a checkpoint) laid out like parameter p: p's shard of it when p is sharded."""
     from torch.distributed.tensor import DTensor, distribute_tensor
-    value = value.to(p.device if not isinstance(p, DTensor) else p.to_local().device, p.dtype)
+    value = value.to(p.device, p.dtype)
     return distribute_tensor(value, p.device_mesh, p.placements) if isinstance(p, DTensor) else value
 
 
@@ -383,15 +383,12 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                         sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).to(rt.device) / rt.accum
                 rt.micro = 0
                 total = rt.sum(den)
-                if rt.shard:                # FSDP reduce-scattered the gradients as their mean over processes
-                    for p in trainable:
-                        if p.grad is not None:
-                            p.grad.div_(float(total) / rt.world)
-                else:
+                if not rt.shard:            # FSDP already reduce-scattered them, as their mean over processes
                     rt.reduce_grads(trainable)
-                    for p in trainable:
-                        if p.grad is not None:
-                            p.grad.div_(total)
+                denom = float(total) / rt.world if rt.shard else total
+                for p in trainable:
+                    if p.grad is not None:
+                        p.grad.div_(denom)
                 loss = rt.sum(num) / total
                 metrics = {k: rt.sum(v) / rt.world for k, v in sums.items()}   # means over equal row blocks
             if cfg.grad_clip:
