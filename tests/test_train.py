@@ -322,3 +322,24 @@ def test_train_command_flags(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["train", "vae", "--preset", "debug", "--out", str(tmp_path), "--steps", "2", *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_decoder_cache_size(tmp_path):
+    """--cache N: the decoder caches N examples; resuming with another N is refused (the epoch order depends on
+    it), bad values are refused before anything is built, and the CLI takes the flag for the decoder only."""
+    from glmimage.train.__main__ import main
+    preset = get_preset("debug")
+    vae.train(preset, tmp_path, steps=1, progress=False)
+    tokenizer.train(preset, tmp_path, steps=1, progress=False)
+    with pytest.raises(ValueError, match="at least one batch"):
+        decoder.train(preset, tmp_path, steps=1, progress=False, cache_size=1)
+    assert not (tmp_path / "decoder").exists()
+    decoder.train(preset, tmp_path, steps=1, progress=False, cache_size=12)
+    cache = torch.load(tmp_path / "decoder" / "cache.pt", weights_only=False)
+    assert len(cache["text"]) == len(cache["latents"]) == 12
+    with pytest.raises(ValueError, match="holds 12 examples, not --cache 16"):
+        decoder.train(preset, tmp_path, steps=2, resume=True, progress=False, cache_size=16)
+    log = decoder.train(preset, tmp_path, steps=2, resume=True, progress=False, cache_size=12)
+    assert [r["step"] for r in log] == [0, 1]
+    with pytest.raises(SystemExit):
+        main(["ar", "--preset", "debug", "--out", str(tmp_path), "--cache", "12"])

@@ -40,6 +40,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--object-weight", type=float, default=None,
                    help="ar and decoder: loss weight of object/text regions vs background ones (default: ar 4, "
                         "decoder 1; needs --data synthetic)")
+    p.add_argument("--cache", type=int, default=None,
+                   help="decoder: how many examples' VAE latents and token ids to cache (default: the preset's, "
+                        "small 4000); more unique examples, built once (~38 ms each on a 2-core CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any, else cpu), cpu, cuda, npu, mps, ...")
@@ -87,6 +90,10 @@ def run_train(args) -> None:
     kwargs = {"object_weight": args.object_weight} if args.object_weight is not None else {}
     if kwargs and args.stage not in ("ar", "decoder"):
         raise ValueError(f"--object-weight applies to the ar and decoder stages, not {args.stage}")
+    if args.cache is not None:
+        if args.stage != "decoder":
+            raise ValueError(f"--cache applies to the decoder stage, not {args.stage}")
+        kwargs["cache_size"] = args.cache
     try:
         log = fn(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
                  stop_at=args.stop_after, rt=rt, **kwargs)

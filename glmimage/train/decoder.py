@@ -17,8 +17,11 @@ object_weight (default 1: plain MSE) weighs the latent pixels under DiT tokens w
 as an object or text (ar.code_is_object) that much more than background ones: flat background dominates the
 latent, and shapes are what the decoder gets wrong.
 
-VAE latents and token ids are computed once for a fixed set of CACHE_SIZE examples (the VAE encoder is the
-expensive part on a CPU) and stored in DIR/decoder/cache.pt; step s reads a seeded permutation of that set.
+VAE latents and token ids are computed once for a fixed set of examples (CACHE_SIZE by preset, or `cache_size`:
+--cache N; the VAE encoder and the tokenizer are the expensive part on a CPU, ~38 ms per small-preset example on 2
+cores vs ~26 ms per training example) and stored in DIR/decoder/cache.pt; each epoch reads a seeded permutation of
+that set. A larger cache costs its build time once and sees each example fewer times (v3 of the small model: 16000,
+v2: 4000, which the DiT began to memorise: see the model card).
 """
 from __future__ import annotations
 
@@ -168,20 +171,26 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
-          rt: Runtime | None = None) -> list[dict]:
-    """object_weight: loss weight of object/text regions vs background (the shipped model: 1.0 for 9000 steps,
-    then 4.0 on --resume; see the model card)."""
+          rt: Runtime | None = None, cache_size: int | None = None) -> list[dict]:
+    """object_weight: loss weight of object/text regions vs background (see the model card).
+    cache_size: examples whose latents and ids are cached (default CACHE_SIZE of the preset)."""
     from glmimage.train.ar import check_object_weight, weight_of_code
     rt = rt or Runtime()
     object_weight = check_object_weight(data, object_weight, 1.0)
     cfg = preset.stages["decoder"]
     steps = steps or cfg.steps
+    if cache_size is not None and cache_size < cfg.batch:
+        raise ValueError(f"--cache must hold at least one batch ({cfg.batch} examples), got {cache_size}")
+    want = cache_size or CACHE_SIZE.get(preset.name, 4000)
     cache_path = Path(out) / "decoder" / "cache.pt"
     if not cache_path.exists() and rt.main:          # one process builds the cache, the others read it
-        atomic_save(build_cache(preset, out, data, seed, CACHE_SIZE.get(preset.name, 4000), progress), cache_path)
+        atomic_save(build_cache(preset, out, data, seed, want, progress), cache_path)
     rt.barrier()
     cache = torch.load(cache_path, weights_only=False)
     n = len(cache["text"])
+    if cache_size is not None and n != cache_size:
+        raise ValueError(f"{cache_path} holds {n} examples, not --cache {cache_size}: pass --cache {n} to continue "
+                         f"with it, or use a new run folder")
     glyph = build_glyph(preset, seed)
     dit = build_dit(preset, seed)
     per_epoch = n // cfg.batch
