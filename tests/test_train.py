@@ -116,6 +116,17 @@ def test_export_loads_and_generates(runs, tmp_path):
     edited = pipe("make the red circle blue", height=64, width=64, image=image, num_inference_steps=2, seed=0)[0]
     assert edited.size == (64, 64)
 
+    from glmimage.train.diagnose import S_LEVELS
+    from glmimage.train.diagnose import main as diagnose
+    diagnose(["--model", str(out), "--run", str(full), "--preset", "debug", "--n", "2", "--steps", "2",
+              "--out", str(tmp_path / "diag.json")])
+    report = json.loads((tmp_path / "diag.json").read_text())
+    assert report["cache_size"] == 8 and report["oracle"]["train"]["n_t2i"] == 2
+    for errors in report["x0_error"].values():        # near the data the estimate is nearly exact, whatever the DiT
+        assert len(errors) == len(S_LEVELS) and 0 <= errors[0] < errors[-1]
+    with pytest.raises(ValueError, match="lower --n"):
+        diagnose(["--model", str(out), "--run", str(full), "--preset", "debug", "--n", "8", "--steps", "1"])
+
 
 def test_unknown_preset():
     with pytest.raises(ValueError, match="valid"):

@@ -1,0 +1,115 @@
+"""Does the decoder generalise or memorise? Its own training examples vs fresh ones, two ways.
+
+    python -m glmimage.train.diagnose --model glmimage/assets/model --run runs/small-v2 --out /tmp/diag.json
+
+* x0 error by noise level: for t2i examples of the decoder's cache (what it trained on) and of a fresh cache built
+  the same way from another data seed, the mean squared error of the DiT's clean-latent estimate
+  x0_hat = x_sigma - sigma v at fixed schedule positions s (sigma = time_shift(mu, s), as in training and sampling),
+  same noise for both sets. At s = 1 the estimate comes from the conditioning alone (prior tokens + glyph): a gap
+  there between the two sets is memorisation.
+* Scene scores from the tokenizer's ids of the example's own image (the decoder's ceiling, as evaluate's
+  --oracle-tokens): n t2i examples without a word from the training stream vs n from the fresh stream.
+
+--model is the exported folder (its DiT, glyph encoder, VAE, tokenizer); --run the run folder whose
+decoder/cache.pt and vae/tokenizer stages the decoder trained on (synthetic data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from glmimage.dit import Context, rope_table, text_key_mask
+from glmimage.schedule import shift_mu, time_shift
+
+S_LEVELS = (0.05, 0.15, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+@torch.no_grad()
+def x0_errors(dit, glyph, cache: dict, n: int, size: int, noise_seed: int = 5) -> list[float]:
+    """Mean squared x0 error at each of S_LEVELS over the cache's first n t2i examples (normalised latents)."""
+    idx = [i for i in range(len(cache["text"])) if i not in cache["src_latents"]][:n]
+    B = len(idx)
+    x0 = cache["latents"][idx].float()                                          # [B, C, h, w]
+    ids = cache["ids"][idx]                                                     # [B, N]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed))
+    p = dit.cfg.patch_size
+    grid = (x0.shape[2] // p, x0.shape[3] // p)
+    glyph_emb, txt_len = glyph.encode([cache["text"][i] for i in idx])          # [B, T, Dt], [B]
+    txt = dit.glyph_projector(glyph_emb)
+    prior = dit.prior_projector(dit.prior_token_embedding(ids))                 # [B, N, D]
+    rope = rope_table(*grid, dit.cfg.attention_head_dim, x0.device)
+    ctx = Context(txt, prior, rope, None, text_key_mask(txt_len, txt.shape[1], grid[0] * grid[1], None), txt_len)
+    size_t = torch.tensor([[size, size]] * B, dtype=torch.float32)
+    out = []
+    for s0 in S_LEVELS:
+        s = torch.full((B,), s0)
+        sigma = time_shift(shift_mu(grid[0] * grid[1]), s).view(B, 1, 1, 1)
+        xt = (1 - sigma) * x0 + sigma * noise
+        v = dit.velocity(xt, ctx, dit.embed_vec(s * 1000 - 1, size_t, torch.zeros(B, 2))).float()
+        out.append(round(((xt - sigma * v - x0) ** 2).mean().item(), 5))
+    return out
+
+
+def oracle_scores(pipe, source, n: int, steps: int, guidance: float, limit: int | None = None) -> dict:
+    """Scene scores of n word-less t2i examples of `source` (among its first `limit`), each decoded from its own
+    image's token ids."""
+    from glmimage.eval_scenes import check_scene, score
+    results, i = [], 0
+    while len(results) < n:
+        if limit is not None and i >= limit:
+            raise ValueError(f"only {len(results)} word-less t2i examples among the first {limit}: lower --n")
+        ex = source.example(i)
+        i += 1
+        if ex["kind"] != "t2i" or ex["scene"].word is not None:
+            continue
+        prior = pipe.encode_references([ex["image"]])[0]
+        image = pipe(ex["caption"], height=pipe.native_size, width=pipe.native_size, num_inference_steps=steps,
+                     guidance_scale=guidance, seed=i, prior_token_ids=prior)[0]
+        results.append(check_scene(image, ex["scene"], ocr=False))
+    s = score(results)
+    return {k: s[k] for k in ("n_t2i", "object_accuracy", "scene_exact", "extra_objects_per_image")}
+
+
+def main(argv=None) -> None:
+    from glmimage.pipeline import Pipeline
+    from glmimage.train.data import make_source
+    from glmimage.train.decoder import SCENE_KWARGS, build_cache
+    from glmimage.train.presets import get_preset
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="exported model folder")
+    ap.add_argument("--run", required=True, help="run folder the decoder trained in (its decoder/cache.pt)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--n", type=int, default=60, help="examples per set (default 60)")
+    ap.add_argument("--fresh-seed", type=int, default=1, help="data seed of the fresh set (training used 0)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="also write the report here (JSON)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset, run = get_preset(args.preset), Path(args.run)
+    pipe = Pipeline.from_pretrained(args.model)
+    train_cache = torch.load(run / "decoder" / "cache.pt", weights_only=False)
+    fresh_cache = build_cache(preset, run, "synthetic", args.fresh_seed, 2 * args.n, progress=False)
+    kinds = ("t2i", "t2i", "t2i", "edit")
+    report = {"model": args.model, "run": str(run), "n": args.n, "cache_size": len(train_cache["text"]),
+              "s_levels": list(S_LEVELS),
+              "x0_error": {"train": x0_errors(pipe.dit, pipe.glyph, train_cache, args.n, preset.image_size),
+                           "fresh": x0_errors(pipe.dit, pipe.glyph, fresh_cache, args.n, preset.image_size)},
+              "oracle": {name: oracle_scores(pipe, make_source("synthetic", seed, preset.image_size, kinds=kinds,
+                                                               **SCENE_KWARGS), args.n, args.steps, args.guidance,
+                                             limit)
+                         for name, seed, limit in (("train", 0, len(train_cache["text"])),
+                                                   ("fresh", args.fresh_seed, None))}}
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
