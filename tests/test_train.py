@@ -109,7 +109,7 @@ def test_export_loads_and_generates(runs, tmp_path):
     vae_cfg = json.loads((out / "vae" / "config.json").read_text())
     assert len(vae_cfg["latents_mean"]) == 16 and len(vae_cfg["latents_std"]) == 16
     pipe = Pipeline.from_pretrained(out)
-    pipe.prompt_tokenizer.token_px, pipe.prompt_tokenizer.preview_side = 16, 2   # until the pipeline reads them
+    assert (pipe.prompt_tokenizer.token_px, pipe.prompt_tokenizer.preview_side) == (16, 2)   # from model_index.json
     image = pipe("a large red circle in the center, with the word 'SUN' written at the top, on a white background.",
                  height=64, width=64, num_inference_steps=2, seed=0)[0]
     assert image.size == (64, 64)
