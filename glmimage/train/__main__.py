@@ -42,7 +42,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "decoder 1; needs --data synthetic)")
     p.add_argument("--cache", type=int, default=None,
                    help="decoder: how many examples' VAE latents and token ids to cache (default: the preset's, "
-                        "small 4000); more unique examples, built once (~38 ms each on a 2-core CPU)")
+                        "small 4000); more unique examples, built once (~22 ms each on a 2-core CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any, else cpu), cpu, cuda, npu, mps, ...")

@@ -18,8 +18,8 @@ as an object or text (ar.code_is_object) that much more than background ones: fl
 latent, and shapes are what the decoder gets wrong.
 
 VAE latents and token ids are computed once for a fixed set of examples (CACHE_SIZE by preset, or `cache_size`:
---cache N; the VAE encoder and the tokenizer are the expensive part on a CPU, ~38 ms per small-preset example on 2
-cores vs ~26 ms per training example) and stored in DIR/decoder/cache.pt; each epoch reads a seeded permutation of
+--cache N; rendering, the VAE encoder and the tokenizer cost ~22 ms per small-preset example on 2 CPU cores,
+about a training step's ~27 ms per example) and stored in DIR/decoder/cache.pt; each epoch reads a seeded permutation of
 that set. A larger cache costs its build time once and sees each example fewer times (v3 of the small model: 16000,
 v2: 4000, which the DiT began to memorise: see the model card).
 """
