@@ -20,8 +20,9 @@ latent, and shapes are what the decoder gets wrong.
 VAE latents and token ids are computed once for a fixed set of examples (CACHE_SIZE by preset, or `cache_size`:
 --cache N; rendering, the VAE encoder and the tokenizer cost ~22 ms per small-preset example on 2 CPU cores,
 about a training step's ~27 ms per example) and stored in DIR/decoder/cache.pt; each epoch reads a seeded permutation of
-that set. A larger cache costs its build time once and sees each example fewer times (v3 of the small model: 16000,
-v2: 4000, which the DiT began to memorise: see the model card).
+that set. A larger cache costs its build time once and sees each example fewer times: for the small model 16000
+instead of 4000 narrowed the gap between training and fresh examples but did not improve fresh ones (model card,
+History: "v3").
 """
 from __future__ import annotations
 
