@@ -204,7 +204,8 @@ class TimeConditionEmbed(nn.Module):
         B = timestep.shape[0]
         dtype = self.timestep_embedder.linear_1.weight.dtype
         t = sincos(timestep, self.time_dim)  # [B, E] fp32
-        cond = sincos(torch.cat([crop, target_size], dim=1).flatten(), self.condition_dim).view(B, 4 * self.condition_dim)  # [B, 4·cd]
+        cond = sincos(torch.cat([crop, target_size], dim=1).flatten(), self.condition_dim)  # [B·4, cd]
+        cond = cond.view(B, 4 * self.condition_dim)  # [B, 4·cd]
         # the sinusoids are fp32; the MLPs run in the weights' dtype
         return F.silu(self.timestep_embedder(t.to(dtype)) + self.condition_embedder(cond.to(dtype)))  # [B, E]
 
@@ -422,7 +423,8 @@ class DiT(nn.Module):
         return self.velocity(x, ctx, self.embed_vec(timestep, target_size, crop))
 
     def reference_modulation(self, size: tuple[int, int], device: torch.device) -> StepModulation:
-        """The AdaLN vectors [1, ...] of a reference pass: timestep 0, crop 0, target size = the image's (H_px, W_px)."""
+        """The AdaLN vectors [1, ...] of a reference pass: timestep 0, crop 0, target size = the image's
+        (H_px, W_px)."""
         size_t = torch.tensor([size], dtype=torch.float32, device=device)  # [1, 2]
         return self.modulation(self.embed_vec(size_t.new_zeros(1), size_t, torch.zeros_like(size_t)))
 

@@ -110,6 +110,11 @@ def vae_scale(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def schedule_point(s: Tensor, n_tokens: int) -> tuple[Tensor, Tensor]:
+    """Position s in (0, 1] -> (the DiT's timestep, sigma) for n_tokens image tokens: the pairs make_schedule makes."""
+    return s * 1000 - 1, time_shift(shift_mu(n_tokens), s)
+
+
 def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int], gen: torch.Generator,
                   size: int, code_weights: Tensor | None = None, rows: slice = slice(None),
                   every_call: bool = False) -> tuple[Tensor, Tensor | int, dict]:
@@ -131,11 +136,11 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
     texts = ["" if d else cache["text"][i] for i, d in zip(idx, drop)]
     p = dit.cfg.patch_size
     grid = (x0.shape[2] // p, x0.shape[3] // p)
-    sigma = time_shift(shift_mu(grid[0] * grid[1]), s)                         # the inference mapping
+    timestep, sigma = schedule_point(s, grid[0] * grid[1])                    # the inference mapping
     xt = (1 - sigma.view(B, 1, 1, 1)) * x0 + sigma.view(B, 1, 1, 1) * noise
     target = noise - x0
     size_t = torch.tensor([[size, size]] * B, dtype=torch.float32, device=device)
-    vec = dit.embed_vec(s * 1000 - 1, size_t, torch.zeros(B, 2, device=device))  # [B, E]
+    vec = dit.embed_vec(timestep, size_t, torch.zeros(B, 2, device=device))   # [B, E]
     glyph, txt_len = glyph_enc.encode(texts)                                    # [B, T, Dt] (frozen), [B]
     txt = dit.glyph_projector(glyph)
     prior = dit.prior_projector(dit.prior_token_embedding(ids))                 # [B, N, D]

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from glmimage.dit import Context, rope_table, text_key_mask
-from glmimage.schedule import shift_mu, time_shift
+from glmimage.train.decoder import SCENE_KWARGS, build_cache, schedule_point
 
 S_LEVELS = (0.05, 0.15, 0.3, 0.5, 0.7, 0.9, 1.0)
 
@@ -38,17 +37,14 @@ def x0_errors(dit, glyph, cache: dict, n: int, size: int, noise_seed: int = 5) -
     p = dit.cfg.patch_size
     grid = (x0.shape[2] // p, x0.shape[3] // p)
     glyph_emb, txt_len = glyph.encode([cache["text"][i] for i in idx])          # [B, T, Dt], [B]
-    txt = dit.glyph_projector(glyph_emb)
-    prior = dit.prior_projector(dit.prior_token_embedding(ids))                 # [B, N, D]
-    rope = rope_table(*grid, dit.cfg.attention_head_dim, x0.device)
-    ctx = Context(txt, prior, rope, None, text_key_mask(txt_len, txt.shape[1], grid[0] * grid[1], None), txt_len)
+    ctx = dit.context(glyph_emb, ids, False, grid, txt_len=txt_len)
     size_t = torch.tensor([[size, size]] * B, dtype=torch.float32)
     out = []
     for s0 in S_LEVELS:
-        s = torch.full((B,), s0)
-        sigma = time_shift(shift_mu(grid[0] * grid[1]), s).view(B, 1, 1, 1)
+        timestep, sigma = schedule_point(torch.full((B,), s0), grid[0] * grid[1])
+        sigma = sigma.view(B, 1, 1, 1)
         xt = (1 - sigma) * x0 + sigma * noise
-        v = dit.velocity(xt, ctx, dit.embed_vec(s * 1000 - 1, size_t, torch.zeros(B, 2))).float()
+        v = dit.velocity(xt, ctx, dit.embed_vec(timestep, size_t, torch.zeros(B, 2))).float()
         out.append(round(((xt - sigma * v - x0) ** 2).mean().item(), 5))
     return out
 
@@ -76,7 +72,6 @@ def oracle_scores(pipe, source, n: int, steps: int, guidance: float, limit: int 
 def main(argv=None) -> None:
     from glmimage.pipeline import Pipeline
     from glmimage.train.data import make_source
-    from glmimage.train.decoder import SCENE_KWARGS, build_cache
     from glmimage.train.presets import get_preset
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="exported model folder")
