@@ -16,6 +16,11 @@ and the same numbers up to float rounding:
 
 Every stage writes DIR/<stage>/{ckpt.pt,log.jsonl,loss.png}; later stages read the earlier ones from the same DIR
 (ar and decoder need the tokenizer; decoder needs the vae). --resume continues from DIR/<stage>/ckpt.pt exactly.
+
+Fine-tuning a trained model (ours or the official one) on your own data, all of it or through LoRA adapters:
+
+    python -m glmimage.train decoder --init zai-org/GLM-Image --data my-images/ --lr 1e-5 --out runs/ft --lora 64
+    python -m glmimage.train export --out runs/ft --to my-glm-image    # the model with the tuned parts merged in
 """
 from __future__ import annotations
 
@@ -54,6 +59,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="write the checkpoint every N steps (default: the preset's; always at the end)")
     p.add_argument("--accum", type=int, default=1,
                    help="micro-batches per step and process (same global batch, 1/accum of the activation memory)")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="ar and decoder: fine-tune a trained model (a folder in the official layout, ours or "
+                        "zai-org/GLM-Image, or a hub id) instead of training from scratch; every other component "
+                        "(VAE, image tokenizer, glyph encoder, text tokenizer) is read from it")
+    p.add_argument("--size", type=int, default=None,
+                   help="with --init: the training image side in pixels (default: the model's native size)")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="with --init: train rank-RANK LoRA adapters on the frozen model's blocks instead of every "
+                        "weight (checkpoints hold the adapters; export merges them)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     p.add_argument("--shard", action="store_true",
                    help="ar and decoder under torchrun: each process holds 1/N of the weights, gradients and optimizer "
                         "state (FSDP2), for models larger than one device")
@@ -71,11 +87,23 @@ def run_train(args) -> None:
     import torch
     from glmimage.train import ar, decoder, tokenizer, vae
     from glmimage.train.common import setup_runtime
-    from glmimage.train.presets import get_preset
+    from glmimage.train.presets import from_model, get_preset
 
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
+    if args.init is not None:
+        if args.stage not in ("ar", "decoder"):
+            raise ValueError(f"--init fine-tunes the ar and decoder stages, not {args.stage} (the others are read "
+                             f"from the model)")
+        preset = from_model(args.init, preset, args.size)
+    elif args.size is not None or args.lora is not None:
+        raise ValueError("--size and --lora fine-tune a trained model: give it with --init MODEL")
+    for name, value in (("lr", args.lr), ("batch", args.batch)):
+        if value is not None:
+            if value <= 0:
+                raise ValueError(f"--{name} must be positive, got {value}")
+            setattr(preset.stages[args.stage], name, value)
     rt = setup_runtime(args.device, args.precision, args.accum, args.shard)
     if args.ema is not None:
         if not 0 <= args.ema < 1:
@@ -94,6 +122,8 @@ def run_train(args) -> None:
         if args.stage != "decoder":
             raise ValueError(f"--cache applies to the decoder stage, not {args.stage}")
         kwargs["cache_size"] = args.cache
+    if args.lora is not None:
+        kwargs["lora"] = args.lora
     try:
         log = fn(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
                  stop_at=args.stop_after, rt=rt, **kwargs)

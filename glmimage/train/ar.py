@@ -61,6 +61,15 @@ def text_vocab_size(tok, preset: TrainPreset) -> int:
 
 
 def build_ar(preset: TrainPreset, text_vocab: int, seed: int) -> ARModel:
+    """Random init (normal 0.02), or the init model's weights (fp32) when fine-tuning."""
+    if preset.init is not None:
+        from glmimage.ar import AR_KEY_PREFIXES
+        from glmimage.loading import load_weights
+        from glmimage.vision import VISION_KEY_PREFIXES
+        with torch.device("meta"):
+            model = ARModel(ARConfig.from_hf(preset.configs["vision_language_encoder"]))
+        return load_weights(model, preset.init / "vision_language_encoder", AR_KEY_PREFIXES, dtype=torch.float32,
+                            skip_prefixes=tuple(VISION_KEY_PREFIXES))
     torch.manual_seed(seed)
     model = ARModel(ARConfig.from_hf(model_configs(preset, text_vocab)["vision_language_encoder"]))
     for m in model.modules():
@@ -88,13 +97,16 @@ def code_is_object(preset: TrainPreset, run_dir: Path) -> Tensor:
         return heads.label(post_quant(vq, e)).argmax(-1) >= NUM_BACKGROUND_LABELS
 
 
-def check_object_weight(data: str, object_weight: float | None, default: float) -> float:
-    """Object weighting reads the tokenizer's region labels, which only synthetic data trains."""
+def check_object_weight(preset: TrainPreset, data: str, object_weight: float | None, default: float) -> float:
+    """Object weighting reads the region labels of a tokenizer trained here on synthetic data."""
     if object_weight is None:
-        return default if data == "synthetic" else 1.0
+        return default if data == "synthetic" and preset.init is None else 1.0
     if object_weight != 1 and data != "synthetic":
         raise ValueError("--object-weight needs --data synthetic: it reads the tokenizer's region labels, and a "
                          "tokenizer trained on real images has none")
+    if object_weight != 1 and preset.init is not None:
+        raise ValueError("--object-weight reads the label head of a tokenizer trained in this run folder; a "
+                         "fine-tuned model's tokenizer (--init) has none")
     return object_weight
 
 
@@ -158,26 +170,38 @@ def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: 
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
-          object_weight: float | None = None, rt: Runtime | None = None) -> list[dict]:
+          object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
-    model card)."""
+    model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init)."""
+    from glmimage.train.decoder import finetune_identity
+    from glmimage.train.lora import add_lora
     rt = rt or Runtime()
-    object_weight = check_object_weight(data, object_weight, OBJECT_WEIGHT)
+    object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
     cfg = preset.stages["ar"]
     steps = steps or cfg.steps
     vq = load_tokenizer(preset, out).to(rt.device)
-    if resume and (Path(out) / "ar" / "ckpt.pt").exists():
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_str(load_stage(out, "ar")["extra"]["text_tokenizer"])
+    if preset.init is not None:                 # fine-tuning keeps the model's own text tokenizer
+        pt = PromptTokenizer.from_dir(preset.init / "processor", preset.ar_token_px, preset.preview_side)
+        tok = pt.tok
     else:
-        tok = train_text_tokenizer(preset, seed)
-    pt = prompt_tokenizer(tok, preset)
+        if resume and (Path(out) / "ar" / "ckpt.pt").exists():
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_str(load_stage(out, "ar")["extra"]["text_tokenizer"])
+        else:
+            tok = train_text_tokenizer(preset, seed)
+        pt = prompt_tokenizer(tok, preset)
     model = build_ar(preset, text_vocab_size(tok, preset), seed)
+    identity = finetune_identity(preset, lora, rt)
+    models, trainable = {"ar": model}, list(model.parameters())
+    if lora:                    # the frozen base in the autocast dtype (half the memory in bf16), adapters in fp32
+        model.requires_grad_(False).to(rt.device, rt.autocast or torch.float32)
+        adapters = add_lora(model.decoder.layers, lora, seed)
+        models, trainable = {"lora": adapters}, list(adapters.parameters())
     kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
     source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
     S = preset.image_size
-    code_weights = weight_of_code(preset, out, object_weight)
+    code_weights = weight_of_code(preset, out, object_weight) if object_weight != 1 else None
 
     def step_fn(step: int, gen: torch.Generator):
         ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)[rt.rows(cfg.batch)]]
@@ -193,6 +217,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         loss, metrics = ar_loss(model, ids, pos, targets, weights)
         return loss, weights.sum(), metrics
 
-    return train_loop("ar", out, {"ar": model}, list(model.parameters()), step_fn, cfg, seed, steps, resume,
+    return train_loop("ar", out, models, trainable, step_fn, cfg, seed, steps, resume,
                       extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce"], progress=progress,
-                      stop_at=stop_at, rt=rt, shard_units=lambda: ([*model.decoder.layers, model], []))
+                      stop_at=stop_at, rt=rt, shard_units=lambda: ([*model.decoder.layers, model], []),
+                      identity=identity)

@@ -280,7 +280,7 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                extra: Callable[[], dict] | None = None, plot_keys: list[str] | None = None,
                after_step: Callable[[int, torch.Generator], None] | None = None,
                progress: bool = True, stop_at: int | None = None, rt: Runtime | None = None,
-               shard_units: Callable[[], tuple[list, list]] | None = None) -> list[dict]:
+               shard_units: Callable[[], tuple[list, list]] | None = None, identity: dict | None = None) -> list[dict]:
     """Run steps [start, min(steps, stop_at)) of one stage (stop_at: end this part early, checkpointed, so that a
     later --resume continues the same `steps`-long schedule).
 
@@ -288,7 +288,8 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     weight its denominator (the row count for a plain mean over equal rows). models: everything saved in the
     checkpoint (trainable or frozen), by name; moved to rt.device here. extra(): more picklable state saved next to
     them (e.g. latent statistics). shard_units() -> (units, methods) for Runtime.fully_shard, when the stage can be
-    sharded (rt.shard). Returns this stage's full log."""
+    sharded (rt.shard). identity: what the checkpoint's weights mean (e.g. the --init model, the LoRA rank), saved
+    with them; resuming with another identity is refused. Returns this stage's full log."""
     from tqdm import tqdm
 
     rt = rt or Runtime()
@@ -305,6 +306,9 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     ck = None
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck.get("identity", {}) != (identity or {}):
+            raise ValueError(f"{ckpt_path} was trained with {ck.get('identity') or 'no --init/--lora'}, not "
+                             f"{identity or 'no --init/--lora'}: resume with the same flags, or use a new run folder")
         for name, m in models.items():
             m.load_state_dict(ck["models"][name])          # whole weights, before any sharding
     if rt.shard:            # sharding replaces the parameters (same names): the trainable list is looked up again
@@ -330,8 +334,8 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         print(f"[{stage}] --resume: no checkpoint at {ckpt_path}, starting from step 0")
     if start == 0 and rt.main:
         log_path.write_text("")
-    for m in models.values():
-        m.train()
+    for m in models.values():       # a frozen model (the glyph encoder) stays in eval mode: no dropout
+        m.train(any(p.requires_grad for p in m.parameters()))
     # the moving average of the trainable weights (from the checkpoint's when resuming, else from the weights now)
     ema = [p.detach().clone() for p in trainable] if cfg.ema else []
     if ema and saved_ema:
@@ -352,6 +356,8 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                  "data_position": step * cfg.batch, "seed": seed, "extra": extra() if extra else {}}
         if ema:
             state["ema"] = ema_sd
+        if identity:
+            state["identity"] = identity
         atomic_save(state, ckpt_path)
         plot_losses(read_log(log_path), out_dir / "loss.png", f"{stage}: training loss", plot_keys)
 

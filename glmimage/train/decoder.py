@@ -47,13 +47,22 @@ SCENE_KWARGS = dict(paraphrase_p=0.3, word_p=0.5, chinese_p=0.3, unseen_p=0.3)
 
 
 def build_glyph(preset: TrainPreset, seed: int) -> GlyphEncoder:
+    """A random ByT5-shaped encoder (frozen), or the init model's glyph encoder when fine-tuning."""
     from transformers import T5Config, T5EncoderModel
+    if preset.init is not None:
+        return GlyphEncoder.from_folder(preset.init / "text_encoder", dtype=torch.float32).requires_grad_(False)
     torch.manual_seed(seed + 1)
     t5 = T5EncoderModel(T5Config(**model_configs(preset, 260)["text_encoder"]))
     return GlyphEncoder(t5).eval().requires_grad_(False)
 
 
 def build_dit(preset: TrainPreset, seed: int) -> DiT:
+    """adaLN-Zero initialisation, or the init model's weights (fp32) when fine-tuning."""
+    if preset.init is not None:
+        from glmimage.loading import load_weights
+        with torch.device("meta"):
+            dit = DiT(DiTConfig.from_hf(preset.configs["transformer"]))
+        return load_weights(dit, preset.init / "transformer", dtype=torch.float32)
     torch.manual_seed(seed + 2)
     dit = DiT(DiTConfig.from_hf(model_configs(preset, 260)["transformer"]))
     with torch.no_grad():                        # adaLN-Zero: every block starts as the identity, output 0
@@ -66,7 +75,12 @@ def build_dit(preset: TrainPreset, seed: int) -> DiT:
 
 
 def load_vae(preset: TrainPreset, run_dir: Path):
+    """The run's trained VAE (frozen) and its latent statistics, or the init model's when fine-tuning."""
     from glmimage.train.vae import build_vae
+    if preset.init is not None:
+        from glmimage.vae import VAE
+        vae = VAE.from_folder(preset.init / "vae", "cpu", torch.float32)
+        return vae.model.to(memory_format=torch.contiguous_format).requires_grad_(False), vae.mean, vae.std
     vae = build_vae(preset, 0)
     vae.load_state_dict(trained_weights(load_stage(run_dir, "vae"), "vae"))
     stats = json.loads((Path(run_dir) / "vae" / "stats.json").read_text())
@@ -177,12 +191,15 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
-          rt: Runtime | None = None, cache_size: int | None = None) -> list[dict]:
+          rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
-    cache_size: examples whose latents and ids are cached (default CACHE_SIZE of the preset)."""
+    cache_size: examples whose latents and ids are cached (default CACHE_SIZE of the preset).
+    lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
+    weight."""
+    from glmimage.train.lora import add_lora
     from glmimage.train.ar import check_object_weight, weight_of_code
     rt = rt or Runtime()
-    object_weight = check_object_weight(data, object_weight, 1.0)
+    object_weight = check_object_weight(preset, data, object_weight, 1.0)
     cfg = preset.stages["decoder"]
     steps = steps or cfg.steps
     if cache_size is not None and cache_size < cfg.batch:
@@ -199,6 +216,13 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
                          f"with it, or use a new run folder")
     glyph = build_glyph(preset, seed)
     dit = build_dit(preset, seed)
+    identity = finetune_identity(preset, lora, rt)
+    models, trainable = {"dit": dit, "glyph": glyph.t5}, list(dit.parameters())
+    if lora:                    # the frozen base in the autocast dtype (half the memory in bf16), adapters in fp32
+        dit.requires_grad_(False).to(rt.device, rt.autocast or torch.float32)
+        glyph.to(rt.device)
+        adapters = add_lora(dit.transformer_blocks, lora, seed)
+        models, trainable = {"lora": adapters}, list(adapters.parameters())
     per_epoch = n // cfg.batch
     code_weights = None
     if object_weight != 1:
@@ -213,9 +237,22 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         return root(lambda: velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, code_weights,
                                           rt.rows(cfg.batch), every_call=rt.shard))
 
-    return train_loop("decoder", out, {"dit": dit, "glyph": glyph.t5}, list(dit.parameters()), step_fn, cfg, seed,
-                      steps, resume, plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at, rt=rt,
-                      shard_units=lambda: shard_units(root))
+    return train_loop("decoder", out, models, trainable, step_fn, cfg, seed, steps, resume,
+                      plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at, rt=rt,
+                      shard_units=lambda: shard_units(root), identity=identity)
+
+
+def finetune_identity(preset: TrainPreset, lora: int | None, rt: Runtime) -> dict:
+    """What a fine-tuning checkpoint's weights are relative to ({} when trained from scratch): the --init model,
+    the training size and the LoRA rank. Export and --resume read it."""
+    if lora is not None and preset.init is None:
+        raise ValueError("--lora adapts a trained model: give it with --init MODEL")
+    if lora and rt.shard:
+        raise ValueError("--lora trains small adapters on a frozen model every process holds whole: run it "
+                         "data-parallel without --shard")
+    if preset.init is None:
+        return {}
+    return {"init": str(preset.init), "size": preset.image_size, **({"lora": lora} if lora else {})}
 
 
 def shard_units(root: ShardRoot) -> tuple[list[nn.Module], list[tuple[nn.Module, str]]]:

@@ -2,6 +2,10 @@
 
     glmimage export --out runs/small --to glmimage/assets/model
 
+A fine-tuning run (`--init MODEL`, with or without `--lora`) exports as a copy of MODEL whose fine-tuned
+components (transformer/ for the decoder, the AR half of vision_language_encoder/ for ar) hold the run's weights,
+LoRA adapters merged, stored in the dtype MODEL stores them in.
+
 model_index.json gets a "glmimage" entry with the grid factors the pipeline reads:
   {"ar_token_px": 16, "preview_side": 4, "native_size": 128}
 Storage dtype "auto": float32, unless the whole folder would exceed 40 MB; then the two big components
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +24,7 @@ from glmimage import loading
 from glmimage.ar import AR_KEY_PREFIXES
 from glmimage.random_checkpoint import MODEL_INDEX, write_common
 from glmimage.train.common import load_stage, trained_weights
-from glmimage.train.presets import TrainPreset, get_preset, model_configs
+from glmimage.train.presets import TrainPreset, from_model, get_preset, model_configs
 from glmimage.vision import VISION_KEY_PREFIXES
 
 MAX_BYTES = 40 * 1024 * 1024
@@ -78,6 +83,17 @@ def load_models(preset: TrainPreset, run_dir: Path) -> dict:
 
 
 def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto") -> Path:
+    identities = {}
+    for stage in ("ar", "decoder"):
+        path = Path(run_dir) / stage / "ckpt.pt"
+        if path.exists():           # memory-mapped: only the identity is read here
+            identities[stage] = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("identity")
+    inits = {(i or {}).get("init") for i in identities.values()}
+    if inits != {None} and inits:
+        if len(inits) > 1:
+            raise ValueError(f"{run_dir}: the ar and decoder stages start from different models ({sorted(map(str, inits))})"
+                             f"; export each from its own run folder")
+        return export_finetuned(Path(run_dir), Path(to), list(identities), dtype)
     p = get_preset(preset)
     m = load_models(p, Path(run_dir))
     tok = m["text_tokenizer"]
@@ -125,4 +141,59 @@ def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto") 
     total = sum(f.stat().st_size for f in to.rglob("*") if f.is_file())
     if total > MAX_BYTES and dtype == "auto":
         raise ValueError(f"exported model is {total / 2**20:.1f} MB, over the 40 MB budget")
+    return to
+
+
+def tuned_module(ck: dict, name: str, module: torch.nn.Module, blocks: torch.nn.Module) -> torch.nn.Module:
+    """A fine-tuning checkpoint's weights in `module` (built with the init model's weights): its whole trained
+    weights, or its LoRA adapters on `blocks` merged in."""
+    from glmimage.train.lora import add_lora, merge_lora
+    rank = ck["identity"].get("lora")
+    if not rank:
+        module.load_state_dict(trained_weights(ck, name))
+        return module
+    add_lora(blocks, rank).load_state_dict(trained_weights(ck, "lora"))
+    merge_lora(blocks)
+    return module
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype a component folder stores its (first) floating-point weights in."""
+    from glmimage.loading import SAFETENSORS_DTYPES, safetensors_files, safetensors_header
+    with open(safetensors_files(folder)[0], "rb") as fh:
+        _, header = safetensors_header(fh)
+    dtypes = [SAFETENSORS_DTYPES[v["dtype"]] for k, v in header.items() if k != "__metadata__"]
+    return next((d for d in dtypes if d.is_floating_point), torch.float32)
+
+
+def replace_weights(folder: Path, filename: str, state: dict) -> None:
+    """A component folder's weights become `state` in one file (the copied base's shards and index removed)."""
+    for f in list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json")):
+        f.unlink()
+    _save(state, folder / filename)
+
+
+def export_finetuned(run_dir: Path, to: Path, stages: list[str], dtype: str = "auto") -> Path:
+    """A copy of the run's --init model with its fine-tuned components replaced (see the module docstring)."""
+    from glmimage.train import ar, decoder, tokenizer
+    cks = {stage: load_stage(run_dir, stage) for stage in stages}
+    identity = next(iter(cks.values()))["identity"]
+    init = Path(identity["init"])
+    if to.resolve() == init.resolve():
+        raise ValueError(f"--to {to} is the fine-tuned model's own folder; export to a new one")
+    p = from_model(init, get_preset("debug"), identity["size"])       # sizes only: no stage setting is used
+    shutil.copytree(init, to, dirs_exist_ok=True)                       # hub caches hold links: copied as files
+    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    if "decoder" in cks:
+        dit = decoder.build_dit(p, 0)
+        tuned_module(cks["decoder"], "dit", dit, dit.transformer_blocks)
+        dt = explicit or stored_dtype(init / "transformer")
+        replace_weights(to / "transformer", "diffusion_pytorch_model.safetensors", _state(dit, None, dt))
+    if "ar" in cks:
+        model = ar.build_ar(p, 0, 0)
+        tuned_module(cks["ar"], "ar", model, model.decoder.layers)
+        vq = tokenizer.load_tokenizer(p, run_dir)
+        dt = explicit or stored_dtype(init / "vision_language_encoder")
+        replace_weights(to / "vision_language_encoder", "model.safetensors",
+                        {**_state(model, AR_KEY_PREFIXES, dt), **_state(vq, VISION_KEY_PREFIXES, dt)})
     return to

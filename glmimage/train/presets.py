@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -38,6 +39,8 @@ class TrainPreset:
     text_merges: int        # BPE merges of the caption tokenizer trained in the AR stage
     rope_theta: float = 10000.0  # AR mRoPE base (official 10000)
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    init: Path | None = None     # fine-tuning: the model folder every component starts from (from_model)
+    configs: dict | None = None  # its config.json contents, which model_configs then returns
 
     @property
     def vision_patch(self) -> int:
@@ -116,10 +119,45 @@ def get_preset(name: str) -> TrainPreset:
     return copy.deepcopy(PRESETS[name])
 
 
+def from_model(path, preset: TrainPreset, size: int | None = None) -> TrainPreset:
+    """Fine-tuning: `preset`'s stage settings (batch, lr, steps, ...) on the sizes and grid factors of a trained
+    model folder in the official layout (ours, or zai-org/GLM-Image: a local folder or a hub id). The stages then
+    start from its weights (preset.init) instead of random ones; size: the training image side (default the
+    model's native size: 128 for our small model, 1024 for the official one)."""
+    from glmimage.loading import read_json, resolve
+
+    root = resolve(path)
+    vle = read_json(root / "vision_language_encoder" / "config.json")
+    ours = read_json(root / "model_index.json").get("glmimage", {})
+    proc = read_json(root / "processor" / "preprocessor_config.json")
+    ar_token_px = 2 * vle["vision_config"]["patch_size"]            # the processor halves images, then patches
+    what = "--size" if size else "the model's native size (set another with --size)"
+    size = size or ours.get("native_size", 1024)
+    if size % ar_token_px:
+        raise ValueError(f"{what} {size} is not a multiple of the model's {ar_token_px}-pixel AR tokens")
+    side = size * size
+    if not proc.get("min_pixels", 0) <= side <= proc.get("max_pixels", side):
+        raise ValueError(f"{what} {size}: the model's processor takes {proc['min_pixels']} to "
+                         f"{proc['max_pixels']} pixels per image, not {size}x{size} = {side}")
+    cfgs = {"vision_language_encoder": vle,
+            "transformer": read_json(root / "transformer" / "config.json"),
+            "text_encoder": read_json(root / "text_encoder" / "config.json"),
+            "vae": read_json(root / "vae" / "config.json")}
+    out = copy.deepcopy(preset)
+    out.name = f"{preset.name}@{root.name}"
+    out.model = {"codebook": vle["vq_config"]["num_embeddings"], "min_pixels": side, "max_pixels": side}
+    out.image_size, out.ar_token_px, out.preview_side = size, ar_token_px, ours.get("preview_side", 16)
+    out.init, out.configs = root, cfgs
+    return out
+
+
 def model_configs(preset: TrainPreset, text_vocab: int) -> dict:
-    """The official config.json contents of every component (random_checkpoint.hf_configs + our grid factors)."""
+    """The official config.json contents of every component (random_checkpoint.hf_configs + our grid factors), or
+    the init model's own (text_vocab is then ignored: the model's vocabulary is fixed)."""
     from glmimage.random_checkpoint import hf_configs
 
+    if preset.configs is not None:
+        return copy.deepcopy(preset.configs)
     cfgs = hf_configs(preset.model, text_vocab)
     cfgs["vision_language_encoder"]["vision_config"]["patch_size"] = preset.vision_patch
     cfgs["vision_language_encoder"]["text_config"]["rope_parameters"]["rope_theta"] = preset.rope_theta

@@ -94,7 +94,17 @@ def encode_batch(tok: ImageTokenizer, images, preset: TrainPreset) -> Tensor:
 
 
 def load_tokenizer(preset: TrainPreset, run_dir: Path) -> ImageTokenizer:
+    """The run's trained tokenizer (frozen), or the init model's when fine-tuning."""
     from glmimage.train.common import load_stage, trained_weights
+    if preset.init is not None:
+        from glmimage.ar import AR_KEY_PREFIXES
+        from glmimage.loading import load_weights
+        from glmimage.vision import VISION_KEY_PREFIXES
+        with torch.device("meta"):
+            tok = ImageTokenizer(VisionConfig.from_hf(preset.configs["vision_language_encoder"]))
+        tok = load_weights(tok, preset.init / "vision_language_encoder", VISION_KEY_PREFIXES, dtype=torch.float32,
+                           skip_prefixes=tuple(AR_KEY_PREFIXES))
+        return tok.eval().requires_grad_(False)
     tok = build_tokenizer(preset, 0)
     tok.load_state_dict(trained_weights(load_stage(run_dir, "tokenizer"), "tokenizer"))
     return tok.eval().requires_grad_(False)
