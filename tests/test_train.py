@@ -354,3 +354,149 @@ def test_decoder_cache_size(tmp_path):
     assert [r["step"] for r in log] == [0, 1]
     with pytest.raises(SystemExit):
         main(["ar", "--preset", "debug", "--out", str(tmp_path), "--cache", "12"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning a trained model (--init), whole or through LoRA adapters (--lora)
+
+
+def test_lora_starts_at_the_base_and_merges_exactly():
+    """An adapted layer computes W x + b + B A x: the base's output while B is 0, and after merging, the same
+    numbers from a plain Linear holding W + B A."""
+    from glmimage.train.lora import LoRALinear, add_lora, merge_lora
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    base = net(x)
+    adapters = add_lora(net, rank=2)
+    assert set(adapters) == {"0", "2"} and isinstance(net[0], LoRALinear)
+    assert not any(p.requires_grad for n, p in net.named_parameters() if ".base." in f".{n}")
+    assert torch.equal(net(x), base)
+    for a in adapters.values():
+        torch.nn.init.normal_(a.b)
+    adapted = net(x)
+    assert not torch.allclose(adapted, base)
+    merge_lora(net)
+    assert type(net[0]) is torch.nn.Linear and type(net[2]) is torch.nn.Linear
+    torch.testing.assert_close(net(x), adapted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positive integer"):
+        add_lora(torch.nn.Linear(2, 2), rank=0)
+
+
+@pytest.fixture(scope="module")
+def finetunes(runs, tmp_path_factory):
+    """The debug run exported as a model, then its decoder and AR fine-tuned on a folder of captioned images:
+    whole (full/), through rank-2 LoRA (lora/), and LoRA stopped at step 2 and resumed (parts/)."""
+    from glmimage.train.export import export
+    from glmimage.train.presets import from_model
+    full, _ = runs
+    root = tmp_path_factory.mktemp("finetune")
+    model = export(full, root / "model", preset="debug")
+    folder, _ = _write_real_data(root)
+    preset = from_model(model, get_preset("debug"))
+    logs = {}
+    for name, lora in (("full", None), ("lora", 2)):
+        for stage in (decoder.train, ar.train):
+            logs[name, stage.__module__] = stage(preset, root / name, data=str(folder), steps=STEPS, progress=False,
+                                                 lora=lora)
+    for stage in (decoder.train, ar.train):
+        stage(preset, root / "parts", data=str(folder), steps=STEPS, progress=False, lora=2, stop_at=2)
+        logs["parts", stage.__module__] = stage(preset, root / "parts", data=str(folder), steps=STEPS,
+                                                progress=False, lora=2, resume=True)
+    return root, model, folder, preset, logs
+
+
+def test_finetune_starts_from_the_model_and_resumes_exactly(finetunes):
+    from glmimage.train.presets import from_model
+    root, model, folder, preset, logs = finetunes
+    assert (preset.image_size, preset.ar_token_px, preset.preview_side) == (64, 16, 2)   # the model's, not guessed
+    cache = torch.load(root / "full" / "decoder" / "cache.pt", weights_only=False)
+    assert len(cache["text"]) == 8                       # the folder's 8 images, each cached once
+    for stage in ("glmimage.train.decoder", "glmimage.train.ar"):
+        whole, lora, parts = (logs[k, stage] for k in ("full", "lora", "parts"))
+        assert whole[0]["loss"] == lora[0]["loss"]           # step 0: the same model (LoRA's B starts at 0)
+        assert whole[-1]["loss"] != lora[-1]["loss"]
+        assert [r["loss"] for r in parts] == [r["loss"] for r in lora]
+    # the starting weights are the model's: the DiT the decoder stage builds is the exported one
+    from glmimage.loading import load_weights
+    from glmimage.dit import DiT, DiTConfig
+    dit = decoder.build_dit(preset, 0)
+    ref = load_weights(DiT(DiTConfig.from_hf(preset.configs["transformer"])), model / "transformer")
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in dit.state_dict().items())
+    # a LoRA checkpoint holds the adapters alone, and says what they adapt
+    ck = load_stage(root / "lora", "decoder")
+    assert set(ck["models"]) == {"lora"} and all(k.endswith((".a", ".b")) for k in ck["models"]["lora"])
+    assert ck["identity"] == {"init": str(model), "size": 64, "lora": 2}
+    with pytest.raises(ValueError, match="resume with the same flags"):
+        decoder.train(preset, root / "lora", data=str(folder), steps=STEPS + 1, resume=True, progress=False)
+    with pytest.raises(ValueError, match="a fine-tuned model's tokenizer"):
+        decoder.train(from_model(model, get_preset("debug")), root / "x", data="synthetic", steps=1,
+                      progress=False, object_weight=4.0)
+
+
+@pytest.mark.parametrize("run", ["full", "lora"])
+def test_finetune_exports_the_model_with_its_tuned_parts(finetunes, run, tmp_path):
+    """Export of a fine-tuning run: a copy of the init model whose DiT and AR weights are the run's (LoRA merged,
+    equal to the adapted modules' outputs), everything else byte for byte the model's; it loads and generates."""
+    from safetensors.torch import load_file
+
+    from glmimage.pipeline import Pipeline
+    from glmimage.train.export import export, tuned_module
+    from glmimage.vision import VISION_KEY_PREFIXES
+    root, model, _, preset, _ = finetunes
+    out = export(root / run, tmp_path / "tuned")
+    for f in model.rglob("*"):
+        if f.is_file() and f.parent.name not in ("transformer", "vision_language_encoder"):
+            assert (out / f.relative_to(model)).read_bytes() == f.read_bytes(), f
+    assert (out / "vision_language_encoder" / "generation_config.json").exists()
+    ck = load_stage(root / run, "decoder")
+    dit = decoder.build_dit(preset, 0)
+    tuned_module(ck, "dit", dit, dit.transformer_blocks)        # whole weights, or the base + merged adapters
+    written = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    base = load_file(model / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert written.keys() == base.keys() and written["proj_out.weight"].dtype == base["proj_out.weight"].dtype
+    assert all(torch.equal(written[k], v.to(written[k].dtype)) for k, v in dit.state_dict().items())
+    changed = [k for k in base if not torch.equal(base[k], written[k])]
+    assert changed and all(k.startswith("transformer_blocks.") for k in changed) == (run == "lora")
+    vle, vle_base = (load_file(m / "vision_language_encoder" / "model.safetensors") for m in (out, model))
+    assert vle.keys() == vle_base.keys()
+    vision = [k for k in vle if k.startswith(tuple(VISION_KEY_PREFIXES))]       # the image tokenizer: untouched
+    assert vision and all(torch.equal(vle[k], vle_base[k]) for k in vision)
+    assert any(not torch.equal(vle[k], vle_base[k]) for k in vle)
+    pipe = Pipeline.from_pretrained(out)
+    image = pipe("a large red circle in the center, on a white background.", height=64, width=64,
+                 num_inference_steps=2, seed=0)[0]
+    assert image.size == (64, 64)
+
+
+def test_finetune_the_official_layout(debug_ckpt, tmp_path):
+    """--init on a checkpoint in zai-org/GLM-Image's own layout (no glmimage entry: 32 px AR tokens, a 16-side
+    preview, the GLM text tokenizer) at a --size its processor takes; export writes its layout back."""
+    from glmimage.pipeline import Pipeline
+    from glmimage.train.__main__ import main
+    folder, _ = _write_real_data(tmp_path)
+    base = ["--preset", "debug", "--init", str(debug_ckpt), "--data", str(folder), "--out", str(tmp_path / "run"),
+            "--steps", "2"]
+    main(["train", "decoder", *base, "--size", "64", "--lora", "2", "--lr", "1e-4", "--batch", "2"])
+    main(["train", "ar", *base, "--size", "64"])
+    ck = load_stage(tmp_path / "run", "decoder")
+    assert ck["identity"]["lora"] == 2 and ck["optimizer"]["param_groups"][0]["lr"] <= 1e-4
+    main(["export", "--out", str(tmp_path / "run"), "--to", str(tmp_path / "tuned")])
+    pipe = Pipeline.from_pretrained(tmp_path / "tuned")
+    assert pipe("a red circle", height=64, width=64, num_inference_steps=2, seed=0)[0].size == (64, 64)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["vae", "--init", "M"], "--init fine-tunes the ar and decoder stages"),
+    (["decoder", "--lora", "4"], "give it with --init MODEL"),
+    (["decoder", "--size", "64"], "give it with --init MODEL"),
+    (["decoder", "--lr", "0"], "--lr must be positive"),
+    (["decoder", "--init", "DEBUG", "--size", "1024"], "processor takes"),
+    (["decoder", "--init", "DEBUG", "--size", "72"], "not a multiple of the model's 32-pixel AR tokens"),
+])
+def test_finetune_flags_refused(debug_ckpt, tmp_path, capsys, args, message):
+    from glmimage.train.__main__ import main
+    args = [str(debug_ckpt) if a == "DEBUG" else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args, "--preset", "debug", "--out", str(tmp_path), "--steps", "1"])
+    assert e.value.code == 2 and message in capsys.readouterr().err

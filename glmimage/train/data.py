@@ -35,6 +35,9 @@ class FolderSource:
         from glmimage.data.folder import ImageTextFolder
         self.folder = ImageTextFolder(path, size=size)
 
+    def __len__(self) -> int:                   # distinct examples
+        return len(self.folder)
+
     def example(self, i: int) -> dict:
         item = self.folder[i % len(self.folder)]
         return {"kind": "t2i", "index": i, "image": item["image"], "caption": item["caption"], "key": item["key"]}
@@ -66,6 +69,9 @@ class ShardSource:
                     self.items.append((shard, key, image, caption))
         if not self.items:
             raise ValueError(f"no image + caption samples (e.g. a.jpg + a.txt) in the shards {pattern!r}")
+
+    def __len__(self) -> int:                   # distinct examples
+        return len(self.items)
 
     def example(self, i: int) -> dict:
         import io

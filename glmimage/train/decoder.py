@@ -120,6 +120,15 @@ def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int
     return cache
 
 
+def default_cache_size(preset: TrainPreset, data: str, batch: int) -> int:
+    """The preset's cache size (4000 unless named in CACHE_SIZE); a folder or shards of fewer images: each once
+    (their examples are deterministic, so repeats would only cost memory), but at least one batch."""
+    n = CACHE_SIZE.get(preset.name, 4000)
+    if data != "synthetic":
+        n = min(n, max(batch, len(make_source(data, 0, preset.image_size))))
+    return n
+
+
 def vae_scale(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -193,7 +202,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
           seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
           rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
-    cache_size: examples whose latents and ids are cached (default CACHE_SIZE of the preset).
+    cache_size: examples whose latents and ids are cached (default: default_cache_size).
     lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
     weight."""
     from glmimage.train.lora import add_lora
@@ -204,9 +213,9 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     steps = steps or cfg.steps
     if cache_size is not None and cache_size < cfg.batch:
         raise ValueError(f"--cache must hold at least one batch ({cfg.batch} examples), got {cache_size}")
-    want = cache_size or CACHE_SIZE.get(preset.name, 4000)
     cache_path = Path(out) / "decoder" / "cache.pt"
     if not cache_path.exists() and rt.main:          # one process builds the cache, the others read it
+        want = cache_size or default_cache_size(preset, data, cfg.batch)
         atomic_save(build_cache(preset, out, data, seed, want, progress), cache_path)
     rt.barrier()
     cache = torch.load(cache_path, weights_only=False)
