@@ -129,16 +129,12 @@ def from_model(path, preset: TrainPreset, size: int | None = None) -> TrainPrese
     root = resolve(path)
     vle = read_json(root / "vision_language_encoder" / "config.json")
     ours = read_json(root / "model_index.json").get("glmimage", {})
-    proc = read_json(root / "processor" / "preprocessor_config.json")
     ar_token_px = 2 * vle["vision_config"]["patch_size"]            # the processor halves images, then patches
     what = "--size" if size else "the model's native size (set another with --size)"
     size = size or ours.get("native_size", 1024)
     if size % ar_token_px:
         raise ValueError(f"{what} {size} is not a multiple of the model's {ar_token_px}-pixel AR tokens")
-    side = size * size
-    if not proc.get("min_pixels", 0) <= side <= proc.get("max_pixels", side):
-        raise ValueError(f"{what} {size}: the model's processor takes {proc['min_pixels']} to "
-                         f"{proc['max_pixels']} pixels per image, not {size}x{size} = {side}")
+    side = size * size      # training images are tokenized at exactly this size: the grid t2i at it generates
     cfgs = {"vision_language_encoder": vle,
             "transformer": read_json(root / "transformer" / "config.json"),
             "text_encoder": read_json(root / "text_encoder" / "config.json"),
