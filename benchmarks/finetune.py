@@ -6,7 +6,8 @@
 
 The model is a random checkpoint in the official layout (--preset, glmimage.random_checkpoint: `medium` has the
 official depths, 40 AR and 30 DiT layers, at reduced width), or --model PATH. The data is --images rendered scenes
-with captions, written as a folder of .png + .txt (what users pass as --data). A setup is STAGE:full|loraR:PRECISION;
+with captions, written as a folder of .png + .txt (what users pass as --data). A setup is
+STAGE:full|loraR:PRECISION[:recompute] (recompute: activation checkpointing);
 each runs `python -m glmimage.train STAGE --init MODEL ...` (the command users run) in its own process, and its
 peak RSS is read with os.wait4. A child's peak counts the memory of its parent at the fork, so this script keeps
 torch out of the parent until every run is done (the model, images and cache are made by a child, `--prepare`).
@@ -70,7 +71,7 @@ def prepare(args) -> None:
 
 
 def measure(model: Path, data: Path, cache: Path, setup: str, args, root: Path) -> dict:
-    stage, kind, precision = setup.split(":")
+    stage, kind, precision, *more = setup.split(":")
     out = Path(tempfile.mkdtemp(dir=root))
     if stage == "decoder":
         (out / "decoder").mkdir()
@@ -80,6 +81,10 @@ def measure(model: Path, data: Path, cache: Path, setup: str, args, root: Path) 
            "--lr", "1e-5", "--threads", str(args.threads), "--precision", precision, "--device", "cpu"]
     if kind != "full":
         cmd += ["--lora", kind.removeprefix("lora")]
+    if more == ["recompute"]:
+        cmd += ["--recompute"]
+    elif more:
+        raise SystemExit(f"setup {setup!r}: STAGE:full|loraR:PRECISION[:recompute]")
     t0 = time.time()
     code, peak, err = run(cmd, args.threads)
     if code:

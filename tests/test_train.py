@@ -178,21 +178,22 @@ def test_two_processes_train_like_one(parallel_runs, stage):
 @pytest.fixture(scope="module")
 def sharded_runs(parallel_runs):
     """The ar and decoder stages in 2 processes with their weights sharded (FSDP2), whole, stopped at step 2 then
-    resumed, and in 2 micro-batches per process, over the 2-process run's VAE and tokenizer."""
+    resumed, and in 2 micro-batches per process with activation checkpointing (--recompute), over the 2-process
+    run's VAE and tokenizer."""
     import shutil
     for run in ("shard", "shard_parts", "shard_accum"):
         for stage in ("vae", "vae_decoder", "tokenizer"):
             shutil.copytree(parallel_runs / "two" / stage, parallel_runs / run / stage)
     _train_all(parallel_runs / "shard", 2, "--shard")
     _train_all(parallel_runs / "shard_parts", 2, "--shard", "--in-two-parts")
-    _train_all(parallel_runs / "shard_accum", 2, "--shard", "--accum", "2")
+    _train_all(parallel_runs / "shard_accum", 2, "--shard", "--accum", "2", "--recompute")
     return parallel_runs
 
 
 @pytest.mark.parametrize("stage", ["ar", "decoder"])
 def test_sharded_weights_train_like_whole_ones(sharded_runs, stage):
     """--shard (each process holds half of every trainable weight, gradient and moment) gives the losses of the
-    unsharded 2-process run, also with --accum 2, resumes exactly, and writes the same whole, plain checkpoint
+    unsharded 2-process run, also with --accum 2 and --recompute, resumes exactly, and writes the same whole, plain checkpoint
     (loadable anywhere)."""
     two, shard, parts, accum = ([r["loss"] for r in read_log(sharded_runs / run / stage / "log.jsonl")]
                                 for run in ("two", "shard", "shard_parts", "shard_accum"))
@@ -319,6 +320,17 @@ def test_ema_resumes_exactly_and_is_what_later_stages_use(runs, tmp_path):
     assert any(not torch.equal(weights[k], ck_a["models"]["dit"][k]) for k in weights)
     exported = load_models(preset, tmp_path / "a")["dit"].state_dict()
     assert all(torch.equal(exported[k], weights[k]) for k in weights)
+
+
+def test_recompute_gives_the_same_losses(runs, tmp_path):
+    """Activation checkpointing recomputes each block's forward in the backward pass: the same losses, exactly."""
+    full, logs = runs
+    preset = get_preset("debug")
+    for stage in ("vae", "tokenizer"):
+        shutil.copytree(full / stage, tmp_path / stage)
+    for name, train in (("ar", ar.train), ("decoder", decoder.train)):
+        log = train(preset, tmp_path, steps=STEPS, progress=False, recompute=True)
+        assert [r["loss"] for r in log] == [r["loss"] for r in logs[name][0]], name
 
 
 def test_train_command_flags(tmp_path, capsys):
@@ -495,6 +507,7 @@ def test_finetune_the_official_layout(debug_ckpt, tmp_path):
     (["decoder", "--lora", "4"], "give it with --init MODEL"),
     (["decoder", "--size", "64"], "give it with --init MODEL"),
     (["decoder", "--lr", "0"], "--lr must be positive"),
+    (["vae", "--recompute"], "--recompute applies to the ar and decoder stages"),
     (["decoder", "--init", "DEBUG", "--size", "72"], "not a multiple of the model's 32-pixel AR tokens"),
 ])
 def test_finetune_flags_refused(debug_ckpt, tmp_path, capsys, args, message):

@@ -70,6 +70,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "weight (checkpoints hold the adapters; export merges them)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
+    p.add_argument("--recompute", action="store_true",
+                   help="ar and decoder: activation checkpointing (each block's forward runs again in the backward "
+                        "pass: one block's activations held instead of all, same numbers, ~1 more forward of compute)")
     p.add_argument("--shard", action="store_true",
                    help="ar and decoder under torchrun: each process holds 1/N of the weights, gradients and optimizer "
                         "state (FSDP2), for models larger than one device")
@@ -124,6 +127,10 @@ def run_train(args) -> None:
         kwargs["cache_size"] = args.cache
     if args.lora is not None:
         kwargs["lora"] = args.lora
+    if args.recompute:
+        if args.stage not in ("ar", "decoder"):
+            raise ValueError(f"--recompute applies to the ar and decoder stages, not {args.stage}")
+        kwargs["recompute"] = True
     try:
         log = fn(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
                  stop_at=args.stop_after, rt=rt, **kwargs)

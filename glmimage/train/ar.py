@@ -170,10 +170,13 @@ def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: 
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
-          object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None) -> list[dict]:
+          object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None,
+          recompute: bool = False) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
-    model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init)."""
+    model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
+    recompute: activation checkpointing per decoder layer (common.recompute)."""
+    from glmimage.train.common import recompute as recompute_layers
     from glmimage.train.decoder import finetune_identity
     from glmimage.train.lora import add_lora
     rt = rt or Runtime()
@@ -198,6 +201,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         model.requires_grad_(False).to(rt.device, rt.autocast or torch.float32)
         adapters = add_lora(model.decoder.layers, lora, seed)
         models, trainable = {"lora": adapters}, list(adapters.parameters())
+    if recompute:
+        recompute_layers(model.decoder.layers)
     kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
     source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
     S = preset.image_size

@@ -132,6 +132,18 @@ class Runtime:
             register_fsdp_forward_method(m, name)
 
 
+def recompute(blocks) -> None:
+    """Activation checkpointing: each block keeps only its inputs for the backward pass and runs its forward again
+    there (torch.utils.checkpoint, non-reentrant), so a step holds one block's activations instead of all of them,
+    for about one more forward of compute. The same numbers (the blocks draw no randomness); module names and
+    checkpoints are unchanged (the instance's forward is wrapped, not the module)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+    for block in blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
 class ShardRoot(nn.Module):
     """A training step that calls several parts of a model (not only its forward) runs inside this module's forward
     (`root(lambda: loss(...))`), so that with --shard FSDP sees one root that gathers and schedules every unit;

@@ -200,13 +200,15 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
-          rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None) -> list[dict]:
+          rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None,
+          recompute: bool = False) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
     cache_size: examples whose latents and ids are cached (default: default_cache_size).
     lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
-    weight."""
-    from glmimage.train.lora import add_lora
+    weight. recompute: activation checkpointing per DiT block (common.recompute)."""
     from glmimage.train.ar import check_object_weight, weight_of_code
+    from glmimage.train.common import recompute as recompute_blocks
+    from glmimage.train.lora import add_lora
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
     cfg = preset.stages["decoder"]
@@ -232,6 +234,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         glyph.to(rt.device)
         adapters = add_lora(dit.transformer_blocks, lora, seed)
         models, trainable = {"lora": adapters}, list(adapters.parameters())
+    if recompute:
+        recompute_blocks(dit.transformer_blocks)
     per_epoch = n // cfg.batch
     code_weights = None
     if object_weight != 1:
