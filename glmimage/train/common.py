@@ -353,14 +353,20 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     if ema and saved_ema:
         ema = [placed_like(saved_ema[mn][pn], p) for p, (mn, pn) in zip(trainable, trainable_names)]
 
+    def host(v):
+        """A whole tensor on process 0's host memory (for a sharded one, a collective: every process gathers it in
+        turn and all but process 0 drop it at once, so no device ever holds more than one whole tensor)."""
+        v = full(v)
+        return v.cpu() if rt.main and torch.is_tensor(v) else v if rt.main else None
+
     def save(step: int) -> None:
         """Every process calls it (sharded weights are gathered: a collective); process 0 writes."""
-        models_sd = {n: {k: full(v) for k, v in m.state_dict().items()} for n, m in models.items()}
+        models_sd = {n: {k: host(v) for k, v in m.state_dict().items()} for n, m in models.items()}
         opt_sd = opt.state_dict()
-        opt_sd["state"] = {i: {k: full(v) for k, v in st.items()} for i, st in sorted(opt_sd["state"].items())}
+        opt_sd["state"] = {i: {k: host(v) for k, v in st.items()} for i, st in sorted(opt_sd["state"].items())}
         ema_sd = {}
         for e, (mn, pn) in zip(ema, trainable_names):
-            ema_sd.setdefault(mn, {})[pn] = full(e).clone()
+            ema_sd.setdefault(mn, {})[pn] = host(e)
         if not rt.main:
             return
         state = {"stage": stage, "step": step, "models": models_sd,
