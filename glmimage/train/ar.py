@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from glmimage.ar import ARConfig, ARModel, sample_positions
 from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
-from glmimage.train.common import Runtime, load_stage, train_loop, trained_weights
+from glmimage.train.common import Runtime, checkpoint_path, load_stage, train_loop, trained_weights
 from glmimage.train.data import make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -188,7 +188,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         pt = PromptTokenizer.from_dir(preset.init / "processor", preset.ar_token_px, preset.preview_side)
         tok = pt.tok
     else:
-        if resume and (Path(out) / "ar" / "ckpt.pt").exists():
+        if resume and checkpoint_path(out, "ar") is not None:
             from tokenizers import Tokenizer
             tok = Tokenizer.from_str(load_stage(out, "ar")["extra"]["text_tokenizer"])
         else:

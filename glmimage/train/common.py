@@ -19,13 +19,16 @@ plots and checkpoints; every process loads the checkpoint on --resume.
 
 Models larger than one device (--shard, the ar and decoder stages): each process holds 1/N of every trainable
 weight, its gradient and its optimizer state (FSDP2 `fully_shard`, ZeRO-3 style; the weights of one block are
-gathered just for its forward and backward). The numbers are the same as without sharding; the checkpoint is the
-same full, unsharded file (gathered on process 0 when written, split again when resumed), so a sharded run resumes
-without sharding or on another number of processes, and export reads it as it reads any other.
+gathered just for its forward and backward). The numbers are the same as without sharding. Its checkpoint is
+sharded too (torch.distributed.checkpoint): every process writes the parts it holds, so none ever holds the whole
+state; the same entries as a whole file, and any number of processes, sharded or not, resumes from it (each reads
+the parts it needs), and later stages and export read it whole in one process.
 
 Run folder layout (one folder per model, one sub-folder per stage):
   DIR/<stage>/ckpt.pt        model(s) + optimizer + step + RNG states (written atomically every ckpt_every steps),
                              and the weights' moving average when the stage keeps one (cfg.ema > 0)
+  DIR/<stage>/ckpt.dcp/      the same, sharded (--shard): one .distcp file per process + .metadata, written into
+                             ckpt.dcp.tmp/ and renamed into place
   DIR/<stage>/log.jsonl      one line per step: {"step", "loss", <stage metrics>, "lr", "time"}
   DIR/<stage>/loss.png       the loss curve (PIL), redrawn at every checkpoint
 """
@@ -215,12 +218,43 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_stage(run_dir: Path, stage: str) -> dict:
-    """A finished (or in-progress) stage's checkpoint: {"models": {name: state_dict}, "extra": {...}, ...}."""
-    path = Path(run_dir) / stage / "ckpt.pt"
-    if not path.exists():
-        raise ValueError(f"no {stage} checkpoint at {path}; run `glmimage train {stage} --out {run_dir}` first")
-    return torch.load(path, map_location="cpu", weights_only=False)
+STAGE_KEYS = {"stage", "step", "models", "ema", "extra", "identity", "seed", "data_position"}
+
+
+def checkpoint_path(run_dir: Path, stage: str) -> Path | None:
+    """A stage's checkpoint: DIR/<stage>/ckpt.pt (one whole file) or DIR/<stage>/ckpt.dcp/ (sharded; or the
+    previous one, ckpt.dcp.old, if a crash came between the two renames that replace it), or None."""
+    for name in ("ckpt.pt", "ckpt.dcp", "ckpt.dcp.old"):
+        path = Path(run_dir) / stage / name
+        if path.exists():
+            return path
+    return None
+
+
+def load_stage(run_dir: Path, stage: str, keys: set[str] | None = None) -> dict:
+    """A finished (or in-progress) stage's checkpoint as whole CPU tensors: {"models": {name: state_dict},
+    "extra": {...}, ...}. keys: the top-level entries wanted; default everything of a whole file, and everything
+    but the optimizer and RNG states of a sharded one (STAGE_KEYS; it is read without the processes that wrote
+    it, each entry gathered from their shard files)."""
+    path = checkpoint_path(run_dir, stage)
+    if path is None:
+        raise ValueError(f"no {stage} checkpoint in {Path(run_dir) / stage}; run `glmimage train {stage} --out "
+                         f"{run_dir}` first")
+    if path.suffix == ".pt":
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=keys is not None)
+        return ck if keys is None else {k: v for k, v in ck.items() if k in keys}
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    with warnings.catch_warnings():     # "no process group: loading in a single process" is the intent here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        return _load_state_dict_from_keys(keys or STAGE_KEYS, checkpoint_id=str(path))
+
+
+def dcp_keys(path: Path) -> set[str]:
+    """The flattened entry names ("models.dit.proj_out.weight", ...) of a sharded checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
 def trained_weights(ck: dict, name: str) -> dict:
@@ -307,7 +341,7 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     rt = rt or Runtime()
     out_dir = Path(out_dir) / stage
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+    ckpt_path, dcp_path, log_path = out_dir / "ckpt.pt", out_dir / "ckpt.dcp", out_dir / "log.jsonl"
     if rt.shard and shard_units is None:
         raise ValueError(f"--shard is for the stages with large models (ar, decoder), not {stage}")
     for m in models.values():
@@ -315,14 +349,19 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     names = {id(p): (mn, pn) for mn, m in models.items() for pn, p in m.named_parameters()}
     assert all(id(p) in names for p in trainable), "every trainable parameter belongs to a saved model"
     trainable_names = [names[id(p)] for p in trainable]
-    ck = None
+    ck = sharded_ck = None
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck.get("identity", {}) != (identity or {}):
-            raise ValueError(f"{ckpt_path} was trained with {ck.get('identity') or 'no --init/--lora'}, not "
-                             f"{identity or 'no --init/--lora'}: resume with the same flags, or use a new run folder")
         for name, m in models.items():
             m.load_state_dict(ck["models"][name])          # whole weights, before any sharding
+    elif resume and checkpoint_path(out_dir.parent, stage) is not None:  # sharded: its tensors are loaded below,
+        dcp_found = checkpoint_path(out_dir.parent, stage)                  # into their final layout
+        sharded_ck = load_stage(out_dir.parent, stage, {"step", "rng", "identity"})
+        sharded_ck["has_ema"] = any(k.startswith("ema.") for k in dcp_keys(dcp_found))
+    found = ck if ck is not None else sharded_ck
+    if found is not None and found.get("identity", {}) != (identity or {}):
+        raise ValueError(f"{out_dir} was trained with {found.get('identity') or 'no --init/--lora'}, not "
+                         f"{identity or 'no --init/--lora'}: resume with the same flags, or use a new run folder")
     if rt.shard:            # sharding replaces the parameters (same names): the trainable list is looked up again
         rt.fully_shard(*shard_units())
         params = {mn: dict(m.named_parameters()) for mn, m in models.items()}
@@ -337,8 +376,11 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                     if torch.is_tensor(v) and v.shape == p.shape and v.dim():
                         opt.state[p][k] = placed_like(v, p)
         start, saved_ema = ck["step"], ck.get("ema", {})
-        torch.set_rng_state(ck["rng"]["torch"])
-        random.setstate(ck["rng"]["python"])
+    elif sharded_ck is not None:
+        start = sharded_ck["step"]
+    if found is not None:
+        torch.set_rng_state(found["rng"]["torch"])
+        random.setstate(found["rng"]["python"])
         if rt.main:
             kept = [r for r in read_log(log_path) if r["step"] < start]
             log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -352,6 +394,33 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     ema = [p.detach().clone() for p in trainable] if cfg.ema else []
     if ema and saved_ema:
         ema = [placed_like(saved_ema[mn][pn], p) for p, (mn, pn) in zip(trainable, trainable_names)]
+    holder = nn.ModuleDict(models)          # names the optimizer state "<model>.<param>" in sharded checkpoints
+
+    def tensors() -> dict:
+        """Weights, optimizer state and moving average as this process holds them (its shards when sharded)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        state = {"models": {n: m.state_dict() for n, m in models.items()},
+                 "optimizer": get_optimizer_state_dict(holder, opt)}
+        if ema:
+            state["ema"] = {}
+            for e, (mn, pn) in zip(ema, trainable_names):
+                state["ema"].setdefault(mn, {})[pn] = e
+        return state
+
+    if sharded_ck is not None:              # in place, each process reading the parts it holds (any process count)
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        state = tensors()
+        if not sharded_ck["has_ema"]:       # --ema newly given: the average starts from the loaded weights
+            state.pop("ema", None)
+        with warnings.catch_warnings():     # one process reading a sharded checkpoint: what is meant here
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, checkpoint_id=str(dcp_found), no_dist=rt.world == 1)
+        set_optimizer_state_dict(holder, opt, state["optimizer"])
+        if ema and not sharded_ck["has_ema"]:
+            ema = [p.detach().clone() for p in trainable]
 
     def host(v):
         """A whole tensor on process 0's host memory (for a sharded one, a collective: every process gathers it in
@@ -359,8 +428,36 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         v = full(v)
         return v.cpu() if rt.main and torch.is_tensor(v) else v if rt.main else None
 
+    def save_sharded(step: int) -> None:
+        """--shard: every process writes its own shards (torch.distributed.checkpoint) into ckpt.dcp.tmp/, which
+        then replaces ckpt.dcp/; no process ever holds more than its part."""
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+        state = {"stage": stage, "step": step, **tensors(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                 "data_position": step * cfg.batch, "seed": seed, "extra": extra() if extra else {}}
+        if identity:
+            state["identity"] = identity
+        tmp, old = out_dir / "ckpt.dcp.tmp", out_dir / "ckpt.dcp.old"
+        if rt.main and tmp.exists():
+            shutil.rmtree(tmp)
+        rt.barrier()
+        dcp.save(state, checkpoint_id=str(tmp))
+        rt.barrier()
+        if rt.main:
+            if dcp_path.exists():
+                os.replace(dcp_path, old)
+            os.replace(tmp, dcp_path)
+            shutil.rmtree(old, ignore_errors=True)
+            ckpt_path.unlink(missing_ok=True)           # a whole file from before a sharded resume is now stale
+            plot_losses(read_log(log_path), out_dir / "loss.png", f"{stage}: training loss", plot_keys)
+        rt.barrier()
+
     def save(step: int) -> None:
         """Every process calls it (sharded weights are gathered: a collective); process 0 writes."""
+        if rt.shard:
+            return save_sharded(step)
         models_sd = {n: {k: host(v) for k, v in m.state_dict().items()} for n, m in models.items()}
         opt_sd = opt.state_dict()
         opt_sd["state"] = {i: {k: host(v) for k, v in st.items()} for i, st in sorted(opt_sd["state"].items())}
@@ -377,6 +474,10 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         if identity:
             state["identity"] = identity
         atomic_save(state, ckpt_path)
+        for stale in (dcp_path, out_dir / "ckpt.dcp.old"):  # a sharded run resumed unsharded: the file replaces it
+            if stale.exists():
+                import shutil
+                shutil.rmtree(stale)
         plot_losses(read_log(log_path), out_dir / "loss.png", f"{stage}: training loss", plot_keys)
 
     end = steps if stop_at is None else min(steps, stop_at)
@@ -431,7 +532,7 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
                 save(step + 1)
-    if start >= steps and not ckpt_path.exists():
+    if start >= steps and checkpoint_path(out_dir.parent, stage) is None:
         save(start)
     rt.barrier()
     return read_log(log_path)

@@ -1,4 +1,5 @@
-"""Write the official GLM-Image folder layout from a run folder (DIR/{vae,tokenizer,ar,decoder}/ckpt.pt).
+"""Write the official GLM-Image folder layout from a run folder (DIR/{vae,tokenizer,ar,decoder}/ckpt.pt, or the
+sharded ckpt.dcp/ of a --shard run).
 
     glmimage export --out runs/small --to glmimage/assets/model
 
@@ -23,7 +24,7 @@ import torch
 from glmimage import loading
 from glmimage.ar import AR_KEY_PREFIXES
 from glmimage.random_checkpoint import MODEL_INDEX, write_common
-from glmimage.train.common import load_stage, trained_weights
+from glmimage.train.common import checkpoint_path, load_stage, trained_weights
 from glmimage.train.presets import TrainPreset, from_model, get_preset, model_configs
 from glmimage.vision import VISION_KEY_PREFIXES
 
@@ -66,7 +67,7 @@ def load_models(preset: TrainPreset, run_dir: Path) -> dict:
     from glmimage.train import ar, decoder, tokenizer
 
     vae, mean, std = decoder.load_vae(preset, run_dir)
-    if (Path(run_dir) / "vae_decoder" / "ckpt.pt").exists():       # the decoder-only fine-tune, when run
+    if checkpoint_path(run_dir, "vae_decoder") is not None:          # the decoder-only fine-tune, when run
         vae.load_state_dict(trained_weights(load_stage(run_dir, "vae_decoder"), "vae"))
     vq = tokenizer.load_tokenizer(preset, run_dir)
     ar_ck = load_stage(run_dir, "ar")
@@ -85,9 +86,8 @@ def load_models(preset: TrainPreset, run_dir: Path) -> dict:
 def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto") -> Path:
     identities = {}
     for stage in ("ar", "decoder"):
-        path = Path(run_dir) / stage / "ckpt.pt"
-        if path.exists():           # memory-mapped: only the identity is read here
-            identities[stage] = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("identity")
+        if checkpoint_path(run_dir, stage) is not None:
+            identities[stage] = load_stage(run_dir, stage, {"identity"}).get("identity")
     inits = {(i or {}).get("init") for i in identities.values()}
     if inits != {None} and inits:
         if len(inits) > 1:
