@@ -176,11 +176,11 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
     model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
     recompute: activation checkpointing per decoder layer (common.recompute)."""
-    from glmimage.train.common import recompute as recompute_layers
-    from glmimage.train.decoder import finetune_identity
+    from glmimage.train.common import finetune_identity, recompute as recompute_layers
     from glmimage.train.lora import add_lora
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
+    identity = finetune_identity(preset, lora, rt)
     cfg = preset.stages["ar"]
     steps = steps or cfg.steps
     vq = load_tokenizer(preset, out).to(rt.device)
@@ -195,7 +195,6 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
             tok = train_text_tokenizer(preset, seed)
         pt = prompt_tokenizer(tok, preset)
     model = build_ar(preset, text_vocab_size(tok, preset), seed)
-    identity = finetune_identity(preset, lora, rt)
     models, trainable = {"ar": model}, list(model.parameters())
     if lora:                    # the frozen base in the autocast dtype (half the memory in bf16), adapters in fp32
         model.requires_grad_(False).to(rt.device, rt.autocast or torch.float32)

@@ -38,7 +38,9 @@ import json
 import math
 import os
 import random
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -48,7 +50,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from glmimage.train.presets import StageConfig
+from glmimage.train.presets import StageConfig, TrainPreset
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -198,6 +200,21 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", accum: int = 1,
     return Runtime(dev, PRECISIONS[precision], dist.get_rank(), dist.get_world_size(), accum, shard=shard)
 
 
+def finetune_identity(preset: TrainPreset, lora: int | None, rt: Runtime) -> dict:
+    """What a fine-tuning checkpoint's weights are relative to ({} when trained from scratch): the --init model,
+    the training size and the LoRA rank. Export and --resume read it."""
+    if lora is not None and lora < 1:
+        raise ValueError(f"--lora is the adapters' rank, a positive integer (e.g. 16), got {lora}")
+    if lora is not None and preset.init is None:
+        raise ValueError("--lora adapts a trained model: give it with --init MODEL")
+    if lora and rt.shard:
+        raise ValueError("--lora trains small adapters on a frozen model every process holds whole: run it "
+                         "data-parallel without --shard")
+    if preset.init is None:
+        return {}
+    return {"init": str(preset.init), "size": preset.image_size, **({"lora": lora} if lora else {})}
+
+
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     """A CPU generator that depends only on (seed, step, salt)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
@@ -243,8 +260,6 @@ def load_stage(run_dir: Path, stage: str, keys: set[str] | None = None) -> dict:
     if path.suffix == ".pt":
         ck = torch.load(path, map_location="cpu", weights_only=False, mmap=keys is not None)
         return ck if keys is None else {k: v for k, v in ck.items() if k in keys}
-    import warnings
-
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
     with warnings.catch_warnings():     # "no process group: loading in a single process" is the intent here
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
@@ -350,18 +365,19 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     assert all(id(p) in names for p in trainable), "every trainable parameter belongs to a saved model"
     trainable_names = [names[id(p)] for p in trainable]
     ck = sharded_ck = None
-    if resume and ckpt_path.exists():
+    found_path = checkpoint_path(out_dir.parent, stage) if resume else None
+    if found_path == ckpt_path:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for name, m in models.items():
-            m.load_state_dict(ck["models"][name])          # whole weights, before any sharding
-    elif resume and checkpoint_path(out_dir.parent, stage) is not None:  # sharded: its tensors are loaded below,
-        dcp_found = checkpoint_path(out_dir.parent, stage)                  # into their final layout
+    elif found_path is not None:                            # sharded: its tensors are loaded below, in place
         sharded_ck = load_stage(out_dir.parent, stage, {"step", "rng", "identity"})
-        sharded_ck["has_ema"] = any(k.startswith("ema.") for k in dcp_keys(dcp_found))
+        sharded_ck["has_ema"] = any(k.startswith("ema.") for k in dcp_keys(found_path))
     found = ck if ck is not None else sharded_ck
     if found is not None and found.get("identity", {}) != (identity or {}):
         raise ValueError(f"{out_dir} was trained with {found.get('identity') or 'no --init/--lora'}, not "
                          f"{identity or 'no --init/--lora'}: resume with the same flags, or use a new run folder")
+    if ck is not None:
+        for name, m in models.items():
+            m.load_state_dict(ck["models"][name])          # whole weights, before any sharding
     if rt.shard:            # sharding replaces the parameters (same names): the trainable list is looked up again
         rt.fully_shard(*shard_units())
         params = {mn: dict(m.named_parameters()) for mn, m in models.items()}
@@ -408,8 +424,6 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         return state
 
     if sharded_ck is not None:              # in place, each process reading the parts it holds (any process count)
-        import warnings
-
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         state = tensors()
@@ -417,7 +431,7 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
             state.pop("ema", None)
         with warnings.catch_warnings():     # one process reading a sharded checkpoint: what is meant here
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(state, checkpoint_id=str(dcp_found), no_dist=rt.world == 1)
+            dcp.load(state, checkpoint_id=str(found_path), no_dist=rt.world == 1)
         set_optimizer_state_dict(holder, opt, state["optimizer"])
         if ema and not sharded_ck["has_ema"]:
             ema = [p.detach().clone() for p in trainable]
@@ -426,13 +440,13 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         """A whole tensor on process 0's host memory (for a sharded one, a collective: every process gathers it in
         turn and all but process 0 drop it at once, so no device ever holds more than one whole tensor)."""
         v = full(v)
-        return v.cpu() if rt.main and torch.is_tensor(v) else v if rt.main else None
+        if not rt.main:
+            return None
+        return v.cpu() if torch.is_tensor(v) else v
 
     def save_sharded(step: int) -> None:
         """--shard: every process writes its own shards (torch.distributed.checkpoint) into ckpt.dcp.tmp/, which
         then replaces ckpt.dcp/; no process ever holds more than its part."""
-        import shutil
-
         import torch.distributed.checkpoint as dcp
         state = {"stage": stage, "step": step, **tensors(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -475,9 +489,7 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
             state["identity"] = identity
         atomic_save(state, ckpt_path)
         for stale in (dcp_path, out_dir / "ckpt.dcp.old"):  # a sharded run resumed unsharded: the file replaces it
-            if stale.exists():
-                import shutil
-                shutil.rmtree(stale)
+            shutil.rmtree(stale, ignore_errors=True)
         plot_losses(read_log(log_path), out_dir / "loss.png", f"{stage}: training loss", plot_keys)
 
     end = steps if stop_at is None else min(steps, stop_at)

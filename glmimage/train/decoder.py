@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
-from glmimage.train.common import Runtime, ShardRoot, atomic_save, load_stage, train_loop, trained_weights
+from glmimage.train.common import (Runtime, ShardRoot, atomic_save, finetune_identity, load_stage, train_loop,
+                                   trained_weights)
 from glmimage.train.data import make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -211,6 +212,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     from glmimage.train.lora import add_lora
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
+    identity = finetune_identity(preset, lora, rt)
     cfg = preset.stages["decoder"]
     steps = steps or cfg.steps
     if cache_size is not None and cache_size < cfg.batch:
@@ -227,7 +229,6 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
                          f"with it, or use a new run folder")
     glyph = build_glyph(preset, seed)
     dit = build_dit(preset, seed)
-    identity = finetune_identity(preset, lora, rt)
     models, trainable = {"dit": dit, "glyph": glyph.t5}, list(dit.parameters())
     if lora:                    # the frozen base in the autocast dtype (half the memory in bf16), adapters in fp32
         dit.requires_grad_(False).to(rt.device, rt.autocast or torch.float32)
@@ -253,19 +254,6 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     return train_loop("decoder", out, models, trainable, step_fn, cfg, seed, steps, resume,
                       plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at, rt=rt,
                       shard_units=lambda: shard_units(root), identity=identity)
-
-
-def finetune_identity(preset: TrainPreset, lora: int | None, rt: Runtime) -> dict:
-    """What a fine-tuning checkpoint's weights are relative to ({} when trained from scratch): the --init model,
-    the training size and the LoRA rank. Export and --resume read it."""
-    if lora is not None and preset.init is None:
-        raise ValueError("--lora adapts a trained model: give it with --init MODEL")
-    if lora and rt.shard:
-        raise ValueError("--lora trains small adapters on a frozen model every process holds whole: run it "
-                         "data-parallel without --shard")
-    if preset.init is None:
-        return {}
-    return {"init": str(preset.init), "size": preset.image_size, **({"lora": lora} if lora else {})}
 
 
 def shard_units(root: ShardRoot) -> tuple[list[nn.Module], list[tuple[nn.Module, str]]]:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from glmimage import loading
 from glmimage.ar import AR_KEY_PREFIXES
 from glmimage.random_checkpoint import MODEL_INDEX, write_common
 from glmimage.train.common import checkpoint_path, load_stage, trained_weights

@@ -120,7 +120,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     heads = Heads(tok.cfg.dim, tok.cfg.n_codes, preset.ar_token_px)
     source = make_source(data, seed, preset.image_size,
                          **(dict(label_cell_px=preset.ar_token_px, word_p=0.5, unseen_p=0.3) if labelled else {}))
-    tp, op = preset.ar_token_px, heads.out_px
+    op = heads.out_px
     state = {}
 
     def step_fn(step: int, gen: torch.Generator):
