@@ -93,7 +93,8 @@ def measure(model: Path, data: Path, cache: Path, setup: str, args, root: Path) 
     times = [b["time"] - a["time"] for a, b in zip(log, log[1:])][args.warmup:]
     return {"stage": stage, "setup": setup, "precision": precision, "size": args.size, "batch": args.batch,
             "steps": args.steps, "s_per_step": round(statistics.median(times), 3), "peak_rss_gib": round(peak, 3),
-            "ckpt": str(out / stage / "ckpt.pt"), "ckpt_mib": round((out / stage / "ckpt.pt").stat().st_size / 2**20, 1),
+            "ckpt": str(out / stage / "ckpt.pt"),
+            "ckpt_mib": round((out / stage / "ckpt.pt").stat().st_size / 2**20, 1),
             "wall_s": round(time.time() - t0, 1), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
             "model": args.model or f"random {args.preset}", "threads": args.threads, "cpus": os.cpu_count(),
             "command": " ".join(cmd[1:])}

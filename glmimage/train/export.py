@@ -90,8 +90,8 @@ def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto") 
     inits = {(i or {}).get("init") for i in identities.values()}
     if inits != {None} and inits:
         if len(inits) > 1:
-            raise ValueError(f"{run_dir}: the ar and decoder stages start from different models ({sorted(map(str, inits))})"
-                             f"; export each from its own run folder")
+            raise ValueError(f"{run_dir}: the ar and decoder stages start from different models "
+                             f"({sorted(map(str, inits))}); export each from its own run folder")
         return export_finetuned(Path(run_dir), Path(to), list(identities), dtype)
     p = get_preset(preset)
     m = load_models(p, Path(run_dir))
