@@ -162,12 +162,6 @@ class ShardRoot(nn.Module):
         return fn()
 
 
-def full(t):
-    """A sharded tensor's whole value (a collective: every process calls it, in the same order); others as they are."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def placed_like(value: Tensor, p: Tensor) -> Tensor:
     """A whole tensor (e.g. from a checkpoint) laid out like parameter p: p's shard of it when p is sharded."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -436,14 +430,6 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         if ema and not sharded_ck["has_ema"]:
             ema = [p.detach().clone() for p in trainable]
 
-    def host(v):
-        """A whole tensor on process 0's host memory (for a sharded one, a collective: every process gathers it in
-        turn and all but process 0 drop it at once, so no device ever holds more than one whole tensor)."""
-        v = full(v)
-        if not rt.main:
-            return None
-        return v.cpu() if torch.is_tensor(v) else v
-
     def save_sharded(step: int) -> None:
         """--shard: every process writes its own shards (torch.distributed.checkpoint) into ckpt.dcp.tmp/, which
         then replaces ckpt.dcp/; no process ever holds more than its part."""
@@ -469,17 +455,16 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         rt.barrier()
 
     def save(step: int) -> None:
-        """Every process calls it (sharded weights are gathered: a collective); process 0 writes."""
+        """Every process calls it; sharded: each writes its parts, else process 0 writes one whole file."""
         if rt.shard:
             return save_sharded(step)
-        models_sd = {n: {k: host(v) for k, v in m.state_dict().items()} for n, m in models.items()}
-        opt_sd = opt.state_dict()
-        opt_sd["state"] = {i: {k: host(v) for k, v in st.items()} for i, st in sorted(opt_sd["state"].items())}
-        ema_sd = {}
-        for e, (mn, pn) in zip(ema, trainable_names):
-            ema_sd.setdefault(mn, {})[pn] = host(e)
         if not rt.main:
             return
+        models_sd = {n: m.state_dict() for n, m in models.items()}
+        opt_sd = opt.state_dict()
+        ema_sd = {}
+        for e, (mn, pn) in zip(ema, trainable_names):
+            ema_sd.setdefault(mn, {})[pn] = e
         state = {"stage": stage, "step": step, "models": models_sd,
                  "optimizer": opt_sd, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                  "data_position": step * cfg.batch, "seed": seed, "extra": extra() if extra else {}}
