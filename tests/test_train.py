@@ -463,7 +463,7 @@ def test_finetune_starts_from_the_model_and_resumes_exactly(finetunes):
     # a LoRA checkpoint holds the adapters alone, and says what they adapt
     ck = load_stage(root / "lora", "decoder")
     assert set(ck["models"]) == {"lora"} and all(k.endswith((".a", ".b")) for k in ck["models"]["lora"])
-    assert ck["identity"] == {"init": str(model), "size": 64, "lora": 2}
+    assert ck["identity"] == {"init": str(model.resolve()), "size": 64, "lora": 2}
     with pytest.raises(ValueError, match="resume with the same flags"):
         decoder.train(preset, root / "lora", data=str(folder), steps=STEPS + 1, resume=True, progress=False)
     with pytest.raises(ValueError, match="a fine-tuned model's tokenizer"):

@@ -181,7 +181,14 @@ def export_finetuned(run_dir: Path, to: Path, stages: list[str], dtype: str = "a
     if to.resolve() == init.resolve():
         raise ValueError(f"--to {to} is the fine-tuned model's own folder; export to a new one")
     p = from_model(init, get_preset("debug"), identity["size"])       # sizes only: no stage setting is used
-    shutil.copytree(init, to, dirs_exist_ok=True)                       # hub caches hold links: copied as files
+    replaced = {init / "transformer"} if "decoder" in cks else set()
+    replaced |= {init / "vision_language_encoder"} if "ar" in cks else set()
+
+    def weights_to_replace(folder: str, names: list[str]) -> list[str]:     # not copied only to be deleted
+        return [n for n in names if ".safetensors" in n] if Path(folder) in replaced else []
+
+    # hub caches hold links: copied as files
+    shutil.copytree(init, to, ignore=weights_to_replace, dirs_exist_ok=True)
     explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if "decoder" in cks:
         dit = decoder.build_dit(p, 0)

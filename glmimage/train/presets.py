@@ -126,7 +126,7 @@ def from_model(path, preset: TrainPreset, size: int | None = None) -> TrainPrese
     model's native size: 128 for our small model, 1024 for the official one)."""
     from glmimage.loading import read_json, resolve
 
-    root = resolve(path)
+    root = resolve(path).resolve()          # absolute: runs record it, and export may run from elsewhere
     vle = read_json(root / "vision_language_encoder" / "config.json")
     ours = read_json(root / "model_index.json").get("glmimage", {})
     ar_token_px = 2 * vle["vision_config"]["patch_size"]            # the processor halves images, then patches
