@@ -7,10 +7,11 @@
 The model is a random checkpoint in the official layout (--preset, glmimage.random_checkpoint: `medium` has the
 official depths, 40 AR and 30 DiT layers, at reduced width), or --model PATH. The data is --images rendered scenes
 with captions, written as a folder of .png + .txt (what users pass as --data). A setup is
-STAGE:full|loraR:PRECISION[:recompute] (recompute: activation checkpointing);
-each runs `python -m glmimage.train STAGE --init MODEL ...` (the command users run) in its own process, and its
-peak RSS is read with os.wait4. A child's peak counts the memory of its parent at the fork, so this script keeps
-torch out of the parent until every run is done (the model, images and cache are made by a child, `--prepare`).
+STAGE:full|loraR:PRECISION[:recompute] (recompute: activation checkpointing); each runs
+`python -m glmimage.train STAGE --init MODEL ...` (the command users run) in its own process, and its peak RSS is
+read with os.wait4 (with --device on an accelerator, also the peak device memory its training log records). A
+child's peak counts the memory of its parent at the fork, so this script keeps torch out of the parent until every
+run is done (the model, images and cache are made by a child, `--prepare`).
 The decoder's latent cache is built once beforehand and linked into every decoder run, so the numbers are the
 training loop's. One JSON line per setup is appended to --out.
 """
@@ -64,7 +65,9 @@ def prepare(args) -> None:
     model = Path(args.model) if args.model else None
     if model is None:
         from glmimage.random_checkpoint import make_random_checkpoint
-        model = make_random_checkpoint(root / "model", preset=args.preset, seed=0)
+        on_gpu = args.device != "cpu"         # an accelerator draws the full preset's weights in seconds, in bf16
+        model = make_random_checkpoint(root / "model", preset=args.preset, seed=0, device=args.device,
+                                       dtype=torch.bfloat16 if on_gpu else torch.float32)
     write_images(root / "images", args.images, args.size)
     if any(s.startswith("decoder:") for s in args.setups.split(",")):
         build_cache(model, args.size, root / "images", root / "cache.pt")
@@ -78,7 +81,7 @@ def measure(model: Path, data: Path, cache: Path, setup: str, args, root: Path) 
         (out / "decoder" / "cache.pt").symlink_to(cache)
     cmd = [sys.executable, "-m", "glmimage.train", stage, "--init", str(model), "--size", str(args.size),
            "--data", str(data), "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch),
-           "--lr", "1e-5", "--threads", str(args.threads), "--precision", precision, "--device", "cpu"]
+           "--lr", "1e-5", "--threads", str(args.threads), "--precision", precision, "--device", args.device]
     if kind != "full":
         cmd += ["--lora", kind.removeprefix("lora")]
     if more == ["recompute"]:
@@ -91,8 +94,10 @@ def measure(model: Path, data: Path, cache: Path, setup: str, args, root: Path) 
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
     log = [json.loads(line) for line in (out / stage / "log.jsonl").read_text().splitlines()]
     times = [b["time"] - a["time"] for a, b in zip(log, log[1:])][args.warmup:]
+    device_peak = [r["peak_mem_gib"] for r in log if "peak_mem_gib" in r]
     return {"stage": stage, "setup": setup, "precision": precision, "size": args.size, "batch": args.batch,
             "steps": args.steps, "s_per_step": round(statistics.median(times), 3), "peak_rss_gib": round(peak, 3),
+            "device": args.device, **({"peak_device_gib": max(device_peak)} if device_peak else {}),
             "ckpt": str(out / stage / "ckpt.pt"),
             "ckpt_mib": round((out / stage / "ckpt.pt").stat().st_size / 2**20, 1),
             "wall_s": round(time.time() - t0, 1), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
@@ -122,6 +127,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (on an accelerator the runs also report "
+                                                   "their peak allocated device memory)")
     ap.add_argument("--setups", default="decoder:full:fp32,decoder:lora16:fp32,decoder:lora16:bf16")
     ap.add_argument("--out", required=True, help="JSONL file to append to")
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)

@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu.sh smoke   # CUDA tests + the medium preset side by side on the GPU      (~3 min)
 #   bash benchmarks/gpu.sh full    # official sizes, random weights, 1024², 50 steps, reference beside (~8 min)
+#   bash benchmarks/gpu.sh finetune  # fine-tuning the official-size DiT and AR (LoRA, bf16): device memory, s/step
 #
 # The machine has PyTorch but no diffusers and an older transformers: the reference versions this repo tests
 # against travel as wheels in .whl/, fetched where pip works with
@@ -59,6 +60,12 @@ elif [ "$mode" = full ]; then
   echo "full run: $(( $(date +%s) - t0 )) s"
   # if the bench was cut short, keep each finished worker's own JSON
   [ -f "$OUT/full-cuda.json" ] || for f in $TMPDIR/glmimage-bench-*/*.json; do cp "$f" "$OUT/partial-$(basename $f)"; done
+elif [ "$mode" = finetune ]; then
+  # official sizes, random weights, 1024², batch 1: LoRA 64 on the bf16 DiT (with and without --recompute) and on
+  # the bf16 AR with --recompute; each run's peak allocated device memory and seconds per step (README arithmetic:
+  # ~13.9 GB of frozen DiT weights + ~3.8 GB of adapters and their AdamW state, before activations)
+  export TMPDIR=/tmp/finetune-work; mkdir -p $TMPDIR
+  timeout ${FINETUNE_TIMEOUT:-540} python3 benchmarks/finetune.py --preset full --device cuda --size 1024     --images 8 --steps 6 --warmup 2 --batch 1 --threads 8     --setups decoder:lora64:bf16:recompute,decoder:lora64:bf16,ar:lora64:bf16:recompute     --out "$OUT/finetune-full-cuda.jsonl" 2>&1 | grep -v Warning | tail -20
 else
-  echo "usage: bash benchmarks/gpu.sh smoke|full" >&2; exit 2
+  echo "usage: bash benchmarks/gpu.sh smoke|full|finetune" >&2; exit 2
 fi

@@ -29,7 +29,8 @@ Run folder layout (one folder per model, one sub-folder per stage):
                              and the weights' moving average when the stage keeps one (cfg.ema > 0)
   DIR/<stage>/ckpt.dcp/      the same, sharded (--shard): one .distcp file per process + .metadata, written into
                              ckpt.dcp.tmp/ and renamed into place
-  DIR/<stage>/log.jsonl      one line per step: {"step", "loss", <stage metrics>, "lr", "time"}
+  DIR/<stage>/log.jsonl      one line per step: {"step", "loss", <stage metrics>, "lr", "time"}, and on an
+                             accelerator "peak_mem_gib" (the most memory allocated so far)
   DIR/<stage>/loss.png       the loss curve (PIL), redrawn at every checkpoint
 """
 from __future__ import annotations
@@ -335,7 +336,8 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                extra: Callable[[], dict] | None = None, plot_keys: list[str] | None = None,
                after_step: Callable[[int, torch.Generator], None] | None = None,
                progress: bool = True, stop_at: int | None = None, rt: Runtime | None = None,
-               shard_units: Callable[[], tuple[list, list]] | None = None, identity: dict | None = None) -> list[dict]:
+               shard_units: Callable[[], tuple[list, list]] | None = None,
+               identity: dict | None = None) -> list[dict]:
     """Run steps [start, min(steps, stop_at)) of one stage (stop_at: end this part early, checkpointed, so that a
     later --resume continues the same `steps`-long schedule).
 
@@ -477,6 +479,9 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
             shutil.rmtree(stale, ignore_errors=True)
         plot_losses(read_log(log_path), out_dir / "loss.png", f"{stage}: training loss", plot_keys)
 
+    # on an accelerator the log also records the peak memory allocated so far (torch.cuda / torch.npu / torch.xpu)
+    peak_memory = getattr(getattr(torch, rt.device.type, None), "max_memory_allocated", None)
+    peak_memory = peak_memory if rt.device.type != "cpu" else None
     end = steps if stop_at is None else min(steps, stop_at)
     bar = tqdm(range(start, end), initial=start, total=steps, desc=stage, disable=not (progress and rt.main),
                mininterval=2)
@@ -524,6 +529,8 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                 after_step(step, gen)
             rec = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
                    "lr": lr, "time": round(time.time() - t0, 2)}
+            if peak_memory is not None:
+                rec["peak_mem_gib"] = round(peak_memory(rt.device) / 2**30, 3)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
