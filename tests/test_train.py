@@ -534,6 +534,7 @@ def test_finetune_the_official_layout(debug_ckpt, tmp_path):
     (["decoder", "--size", "64"], "give it with --init MODEL"),
     (["decoder", "--lr", "0"], "--lr must be positive"),
     (["vae", "--recompute"], "--recompute applies to the ar and decoder stages"),
+    (["vae", "--lora", "4"], "--lora applies to the ar and decoder stages"),
     (["decoder", "--init", "DEBUG", "--size", "64", "--lora", "0"], "a positive integer"),
     (["decoder", "--init", "DEBUG", "--size", "72"], "not a multiple of the model's 32-pixel AR tokens"),
 ])

@@ -100,8 +100,8 @@ def run_train(args) -> None:
             raise ValueError(f"--init fine-tunes the ar and decoder stages, not {args.stage} (the others are read "
                              f"from the model)")
         preset = from_model(args.init, preset, args.size)
-    elif args.size is not None or args.lora is not None:
-        raise ValueError("--size and --lora fine-tune a trained model: give it with --init MODEL")
+    elif args.size is not None:             # (--lora without --init: refused by the stage, before any work)
+        raise ValueError("--size is the training size of a fine-tune: give it with --init MODEL")
     for name, value in (("lr", args.lr), ("batch", args.batch)):
         if value is not None:
             if value <= 0:
@@ -125,12 +125,11 @@ def run_train(args) -> None:
         if args.stage != "decoder":
             raise ValueError(f"--cache applies to the decoder stage, not {args.stage}")
         kwargs["cache_size"] = args.cache
-    if args.lora is not None:
-        kwargs["lora"] = args.lora
-    if args.recompute:
-        if args.stage not in ("ar", "decoder"):
-            raise ValueError(f"--recompute applies to the ar and decoder stages, not {args.stage}")
-        kwargs["recompute"] = True
+    for flag, name, value in (("--lora", "lora", args.lora), ("--recompute", "recompute", args.recompute or None)):
+        if value is not None:
+            if args.stage not in ("ar", "decoder"):
+                raise ValueError(f"{flag} applies to the ar and decoder stages, not {args.stage}")
+            kwargs[name] = value
     try:
         log = fn(preset, Path(args.out), data=args.data, steps=args.steps, resume=args.resume, seed=args.seed,
                  stop_at=args.stop_after, rt=rt, **kwargs)

@@ -366,7 +366,6 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     elif found_path is not None:                            # sharded: its tensors are loaded below, in place
         sharded_ck = load_stage(out_dir.parent, stage, {"step", "rng", "identity"})
-        sharded_ck["has_ema"] = any(k.startswith("ema.") for k in dcp_keys(found_path))
     found = ck if ck is not None else sharded_ck
     if found is not None and found.get("identity", {}) != (identity or {}):
         raise ValueError(f"{out_dir} was trained with {found.get('identity') or 'no --init/--lora'}, not "
@@ -423,13 +422,14 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         state = tensors()
-        if not sharded_ck["has_ema"]:       # --ema newly given: the average starts from the loaded weights
+        saved_has_ema = any(k.startswith("ema.") for k in dcp_keys(found_path))
+        if not saved_has_ema:               # --ema newly given: the average starts from the loaded weights
             state.pop("ema", None)
         with warnings.catch_warnings():     # one process reading a sharded checkpoint: what is meant here
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(state, checkpoint_id=str(found_path), no_dist=rt.world == 1)
         set_optimizer_state_dict(holder, opt, state["optimizer"])
-        if ema and not sharded_ck["has_ema"]:
+        if ema and not saved_has_ema:
             ema = [p.detach().clone() for p in trainable]
 
     def save_sharded(step: int) -> None:

@@ -91,13 +91,20 @@ def load_vae(preset: TrainPreset, run_dir: Path):
 
 
 @torch.no_grad()
-def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int, progress: bool = True) -> dict:
-    """Normalised latents, upsampled prior ids and texts of n fixed examples (and the edit sources)."""
+def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int | None,
+                progress: bool = True) -> dict:
+    """Normalised latents, upsampled prior ids and texts of n fixed examples (and the edit sources); n None: the
+    preset's cache size (4000 unless named in CACHE_SIZE), or for a folder or shards of fewer images each once
+    (their examples are deterministic, so repeats would only cost memory), but at least one batch."""
     from tqdm import tqdm
     vae, mean, std = load_vae(preset, run_dir)
     vq = load_tokenizer(preset, run_dir)
     kinds = ("t2i", "t2i", "t2i", "edit") if data == "synthetic" else ("t2i",)
     source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
+    if n is None:
+        n = CACHE_SIZE.get(preset.name, 4000)
+        if data != "synthetic":
+            n = min(n, max(preset.stages["decoder"].batch, len(source)))
     u = preset.ar_token_px // (vae_scale(vae) * 2)
 
     def encode(images):
@@ -119,15 +126,6 @@ def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int
                 cache["src_latents"][i + k], cache["src_ids"][i + k] = sz[j], sids[j]
     cache["latents"], cache["ids"] = torch.cat(cache["latents"]), torch.cat(cache["ids"])
     return cache
-
-
-def default_cache_size(preset: TrainPreset, data: str, batch: int) -> int:
-    """The preset's cache size (4000 unless named in CACHE_SIZE); a folder or shards of fewer images: each once
-    (their examples are deterministic, so repeats would only cost memory), but at least one batch."""
-    n = CACHE_SIZE.get(preset.name, 4000)
-    if data != "synthetic":
-        n = min(n, max(batch, len(make_source(data, 0, preset.image_size))))
-    return n
 
 
 def vae_scale(vae) -> int:
@@ -204,7 +202,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
           rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None,
           recompute: bool = False) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
-    cache_size: examples whose latents and ids are cached (default: default_cache_size).
+    cache_size: examples whose latents and ids are cached (default: build_cache's).
     lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
     weight. recompute: activation checkpointing per DiT block (common.recompute)."""
     from glmimage.train.ar import check_object_weight, weight_of_code
@@ -219,8 +217,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         raise ValueError(f"--cache must hold at least one batch ({cfg.batch} examples), got {cache_size}")
     cache_path = Path(out) / "decoder" / "cache.pt"
     if not cache_path.exists() and rt.main:          # one process builds the cache, the others read it
-        want = cache_size or default_cache_size(preset, data, cfg.batch)
-        atomic_save(build_cache(preset, out, data, seed, want, progress), cache_path)
+        atomic_save(build_cache(preset, out, data, seed, cache_size, progress), cache_path)
     rt.barrier()
     cache = torch.load(cache_path, weights_only=False)
     n = len(cache["text"])
