@@ -46,11 +46,11 @@ def reset_peak_rss() -> bool:
 
 def peak_memory(device: torch.device, measured: bool = False) -> dict:
     """peak_rss_gb: the whole process's peak; measured: also the peak since reset_peak_rss()."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
-    out = {"peak_rss_gb": rss / 1e9}
-    if measured:
+    out = {}
+    if measured:                    # read first: reading it allocates, and the whole peak read after includes that
         with open("/proc/self/status") as f:
             out["peak_rss_measured_gb"] = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) * 1024 / 1e9
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9      # Linux reports KiB
     if device.type == "cuda":
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
         out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
@@ -249,14 +249,14 @@ def worker_ours(args, device, dtype) -> dict:
             timings["s_per_image"] = timings["total"] / batch
         return image, timings
 
-    for _ in range(args.warmup):
-        run()
+    first = [run()[1]["total"] for _ in range(args.warmup)]   # a compiled pipeline's first image compiles
     measured = reset_peak_rss()
     image, stages = min((run() for _ in range(args.repeat)), key=lambda r: r[1]["total"])
     impl = (f"glmimage ({dtype}{', int8 AR' if args.int8 else ''}{', offload' if args.offload else ''}"
             f"{', no CUDA graph' if args.eager and device.type == 'cuda' else ''}{', compiled' if args.compile else ''}"
             f"{f', batch of {args.batch}' if args.batch > 1 else ''})")
-    out = {"impl": impl, "load_s": load_s, "stages": stages, "image": image, "batch": args.batch,
+    out = {"impl": impl, "load_s": load_s, "first_image_s": first[0] if first else None, "stages": stages,
+           "image": image, "batch": args.batch,
            "grid": stages.pop("grid"), **peak_memory(device, measured)}    # before the floor probe allocates its own
     n_new = stages.get("ar_new_tokens", 0)
     floor = measure_floor(device, dtype, pipe.dit.cfg.num_attention_heads * pipe.dit.cfg.attention_head_dim,
@@ -297,7 +297,8 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
     cmd = [sys.executable, "-m", "glmimage.bench", "--worker", worker, "--model", str(args.model),
            "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),
            "--guidance", str(args.guidance), "--seed", str(args.seed), "--device", args.device, "--dtype", dtype,
-           "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--json-out", str(json_out)]
+           "--warmup", str(max(args.warmup, 1) if args.compile or compile else args.warmup),
+           "--repeat", str(args.repeat), "--json-out", str(json_out)]
     if tokens is not None:
         cmd += ["--tokens", str(tokens)]
     if args.compile or compile:
@@ -336,6 +337,9 @@ def table(results: dict) -> str:
         vals = [results[n]["stages"].get(r) for n in names]
         lines.append(f"{r:<24}" + "".join(f"{v:>22.3f}" if isinstance(v, (int, float)) else f"{'-':>22}"
                                           for v in vals))
+    if any(results[n].get("first_image_s") for n in names):
+        lines.append(f"{'first_image_s':<24}" + "".join(
+            f"{results[n].get('first_image_s') or float('nan'):>22.3f}" for n in names))
     for key in ("peak_rss_gb", "peak_rss_measured_gb"):
         lines.append(f"{key:<24}" + "".join(f"{results[n].get(key, float('nan')):>22.2f}" for n in names))
     if any("peak_allocated_gb" in results[n] for n in names):
@@ -360,7 +364,9 @@ def main(argv: list[str] | None = None) -> None:
                                                    "'+batchN' N prompts in one call (throughput), '+eager' no CUDA "
                                                    "graph for the AR decode, '+compile' torch.compile (as "
                                                    "--compile), e.g. "
-                                                   "float32+offload,bfloat16+int8,bfloat16+batch4,bfloat16+compile)")
+                                                   "float32+offload,bfloat16+int8,bfloat16+batch4,bfloat16+compile; a compiled "
+                                                   "variant always gets a warm-up, its first image reported as "
+                                                   "first_image_s; 'none': the reference alone)")
     p.add_argument("--reference-dtype", default="float32", help="the reference's dtype ('none' skips it)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=2, help="measured runs per implementation; the fastest is kept "
@@ -382,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         return worker_main(args)
 
     variants = []                                    # checked before anything runs
-    for variant in args.dtype.split(","):
+    for variant in ([] if args.dtype == "none" else args.dtype.split(",")):
         dt, *flags = variant.split("+")
         batch = [int(f[5:]) for f in flags if f.startswith("batch") and f[5:].isdigit() and int(f[5:]) > 0]
         unknown = set(flags) - {"int8", "offload", "eager", "compile"} - {f"batch{b}" for b in batch}

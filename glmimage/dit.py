@@ -141,6 +141,23 @@ def text_key_mask(txt_len: Tensor | None, T: int, N: int, ref_kv: list[KV] | Non
     return torch.cat([txt.new_ones(B, L), txt, txt.new_ones(B, N)], dim=1)[:, None, None]
 
 
+def text_groups(txt_len: Tensor | None, T: int) -> tuple[tuple[int, int, int], ...] | None:
+    """The rows of a padded batch as runs (start, end, valid text rows), when there are at most two (batched CFG:
+    the conditional rows, then the unconditional ones). Attention then runs once per run, unmasked, on its keys
+    without the padded text rows: the same result as under `text_key_mask`, on the accelerators' flash kernels
+    (a masked call falls back to slower ones). None when nothing is padded, or for more runs (prompts of several
+    lengths: the mask then)."""
+    if txt_len is None or bool((txt_len == T).all()):
+        return None
+    runs = [[0, 1, int(txt_len[0])]]
+    for b, n in enumerate(txt_len.tolist()[1:], start=1):
+        if n == runs[-1][2]:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1, n])
+    return tuple((r0, r1, n) for r0, r1, n in runs) if len(runs) <= 2 else None
+
+
 def concat_kv(kvs: list[list[KV]]) -> list[KV]:
     """Join several references' per-layer K/V along the sequence (several reference images for one sample)."""
     return [(torch.cat([kv[i][0] for kv in kvs], dim=1), torch.cat([kv[i][1] for kv in kvs], dim=1))
@@ -246,12 +263,22 @@ class Attention(nn.Module):
         k = torch.cat([k[:, :num_txt], apply_rope(k[:, num_txt:], rope)], dim=1)
         return q, k, v
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                groups: tuple[tuple[int, int, int], ...] | None = None, num_txt: int = 0) -> Tensor:
         # q: [B, S, nh, hd]; k, v: [B, S_kv, nh, hd] (S_kv = L + S with a reference prefix).
-        # mask [B, 1, 1, S_kv] bool (True = attend) only where a batch pads its text (text_key_mask); the
-        # reference never masks.
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask)  # [B, nh, S, hd]
+        # The reference never masks. Where a batch pads its text: mask [B, 1, 1, S_kv] bool (True = attend,
+        # text_key_mask), or groups (text_groups; no prefix): per run of rows (r0, r1, n) one unmasked call over
+        # the keys without its padded text rows [n, num_txt).
+        if groups is None:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask)  # [B, nh, S, hd]
+        else:
+            def unpadded(t: Tensor, r0: int, r1: int, n: int) -> Tensor:  # [b, n+N, nh, hd] -> [b, nh, n+N, hd]
+                t = t[r0:r1] if n == num_txt else torch.cat([t[r0:r1, :n], t[r0:r1, num_txt:]], dim=1)
+                return t.transpose(1, 2)
+            o = torch.cat([F.scaled_dot_product_attention(q[r0:r1].transpose(1, 2), unpadded(k, r0, r1, n),
+                                                          unpadded(v, r0, r1, n))
+                           for r0, r1, n in groups])  # [B, nh, S, hd]
         return self.to_out[0](o.transpose(1, 2).flatten(2))  # [B, S, D]
 
 
@@ -266,7 +293,8 @@ class DiTBlock(nn.Module):
         self.ff = MLP(D, 4 * D, D, partial(F.gelu, approximate="tanh"))
 
     def forward(self, x: Tensor, c: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor],
-                ref_kv: KV | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor, KV]:
+                ref_kv: KV | None = None, mask: Tensor | None = None,
+                groups: tuple[tuple[int, int, int], ...] | None = None) -> tuple[Tensor, Tensor, KV]:
         """x [B, N, D] image, c [B, T, D] text, mod [B or 1, 12·D] = norm1.linear(vec) (precomputable per step).
 
         ref_kv: a reference prefix, either (k, v) [1 or B, L, nh, hd] to prepend, or a preallocated
@@ -287,7 +315,7 @@ class DiTBlock(nn.Module):
             else:
                 k = torch.cat([kbuf.expand(B, -1, -1, -1), k], dim=1)  # [B, L+T+N, nh, hd]
                 v = torch.cat([vbuf.expand(B, -1, -1, -1), v], dim=1)
-        a = self.attn1(q, k, v, mask)  # [B, T+N, D]
+        a = self.attn1(q, k, v, mask, groups, T)  # [B, T+N, D]
         c = c + a[:, :T] * c_gate
         x = x + a[:, T:] * gate
         x = x + self.ff(modulate(layer_norm(x), shift2, scale2)) * gate2
@@ -314,6 +342,7 @@ class Context(NamedTuple):
     ref_kv: list[KV] | None  # per layer (k, v) [1 or B, L, nh, hd], prepended to the keys/values; None: no prefix
     mask: Tensor | None = None  # [B, 1, 1, L+T+N] bool key mask (text_key_mask), only where text is padded
     txt_len: Tensor | None = None  # [B] valid text rows (right-padded); None: all T
+    groups: tuple[tuple[int, int, int], ...] | None = None  # instead of the mask: text_groups (batched CFG)
 
 
 class StepModulation(NamedTuple):
@@ -377,7 +406,8 @@ class DiT(nn.Module):
         x = self.image_projector.proj(patchify(x, p)) + ctx.prior  # [B, N, D]
         c = ctx.txt  # [B, T, D]
         for i, block in enumerate(self.transformer_blocks):
-            x, c, _ = block(x, c, mod.blocks[i], ctx.rope, None if ctx.ref_kv is None else ctx.ref_kv[i], ctx.mask)
+            x, c, _ = block(x, c, mod.blocks[i], ctx.rope, None if ctx.ref_kv is None else ctx.ref_kv[i], ctx.mask,
+                            ctx.groups)
         scale, shift = mod.out[:, None].chunk(2, dim=-1)  # [B, 1, D] each; scale comes first
         x = self.proj_out(modulate(layer_norm(x), shift, scale))  # [B, N, p·p·C]; the text stream is dropped
         return unpatchify(x, H // p, W // p, p)  # [B, C, H, W]
@@ -386,8 +416,9 @@ class DiT(nn.Module):
     def batch_cfg(cond: Context, uncond: Context) -> Context:
         """Both CFG branches as one batch [cond; uncond] (t2i: neither has a reference prefix).
 
-        The shorter glyph sequences are right-padded with zero rows that a key mask hides, so each row computes
-        exactly what its own forward would; with equal lengths (prompts without quotes) there is no mask."""
+        The shorter glyph sequences are right-padded with zero rows that attention leaves out (per branch,
+        `text_groups`; a key mask where the conditional prompts differ in length), so each row computes exactly
+        what its own forward would; with equal lengths (prompts without quotes) nothing is left out."""
         assert cond.ref_kv is None and uncond.ref_kv is None, "batched CFG is for branches without a prefix"
         B, N, D = cond.txt.shape[0], cond.prior.shape[1], cond.txt.shape[2]
         Tc, Tu = cond.txt.shape[1], uncond.txt.shape[1]
@@ -400,7 +431,8 @@ class DiT(nn.Module):
             return ctx.txt_len if ctx.txt_len is not None else torch.full((B,), n, device=txt.device)
 
         txt_len = torch.cat([lengths(cond, Tc), lengths(uncond, Tu)])  # [2B]
-        return Context(txt, prior, cond.rope, None, text_key_mask(txt_len, T, N), txt_len)
+        groups = text_groups(txt_len, T)
+        return Context(txt, prior, cond.rope, None, None if groups else text_key_mask(txt_len, T, N), txt_len, groups)
 
     def prefix_buffers(self, ref_kv: list[KV], batch: int, num_new: int) -> list[KV]:
         """Preallocate per layer [B, L+num_new, nh, hd] K/V buffers holding the reference prefix in their first

@@ -133,6 +133,26 @@ def test_dit_split_api_matches_forward(pair):
 
 
 @torch.no_grad()
+def test_batched_cfg_equals_each_branch_alone(pair):
+    # t2i CFG in one forward: the conditional rows (5 glyph tokens) and the unconditional ones (1) attend per
+    # branch, unmasked (text_groups); a batch of prompts of two glyph lengths falls back to the key mask
+    _, ours = pair
+    x, glyph, ids, t, size, crop = inputs(B=3, H=8, W=8, T=5, seed=4)
+    vec = ours.embed_vec(t[:1], size[:1], crop[:1])
+    uncond = ours.context(glyph[:1, :1], ids[:1], True, (4, 4))
+    for B, txt_len, groups in ((1, None, ((0, 1, 5), (1, 2, 1))), (2, torch.tensor([5, 3]), None)):
+        cond = ours.context(glyph[:B], ids[:B], False, (4, 4), txt_len=txt_len)
+        ctx = DiT.batch_cfg(cond, ours.context(glyph[:1, :1].expand(B, -1, -1), ids[:B], True, (4, 4)))
+        assert ctx.groups == groups and (ctx.mask is None) == (groups is not None)
+        got = ours.velocity(x[:1].repeat(2 * B, 1, 1, 1), ctx, vec.expand(2 * B, -1))
+        for b in range(B):
+            n = 5 if txt_len is None else int(txt_len[b])
+            alone = ours.velocity(x[:1], ours.context(glyph[b:b + 1, :n], ids[b:b + 1], False, (4, 4)), vec)
+            assert (got[b] - alone[0]).abs().max() <= 1e-5
+        assert (got[B:] - ours.velocity(x[:1], uncond, vec)).abs().max() <= 1e-5
+
+
+@torch.no_grad()
 def test_dit_image_to_image_kv(pair):
     ref, ours = pair
     g = torch.Generator().manual_seed(4)

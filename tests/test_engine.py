@@ -126,6 +126,21 @@ def test_cuda_graph_decode_matches_eager_on_cuda(debug_ckpt):
         assert all(torch.equal(x, y) for x, y in zip(eager, graph))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_pipeline_matches_eager_on_cuda(debug_ckpt):
+    """On a GPU, compile(): the decode step compiled inside its CUDA graph and every DiT block compiled give the
+    eager pipeline's tokens and image (fp32), for text-to-image (batched CFG, text padding left out per branch)."""
+    eager, fast = (Pipeline.from_pretrained(debug_ckpt, device="cuda") for _ in range(2))
+    fast.compile()
+    kw = dict(height=64, width=96, num_inference_steps=3, seed=1)
+    runs = []
+    for p in (eager, fast, fast):                                       # the second fast run: graphs reused
+        timings: dict = {}
+        runs.append((np.asarray(p(PROMPT, timings=timings, **kw)[0], dtype=int), timings["grid"]))
+    for image, grid in runs[1:]:
+        assert grid == runs[0][1] and np.abs(image - runs[0][0]).max() <= 1
+
+
 def test_pinned_offload_helpers_keep_ties_views_and_outputs(pipe):
     """pin_weights/place_weights (the accelerator offload): tied weights stay one Parameter, the DiT's q/k/v stay
     views of its fused QKV (one copy of each storage), and outputs are unchanged."""
@@ -265,7 +280,8 @@ def test_bench_runs_both_sides_and_reports(debug_ckpt, tmp_path):
     assert floors[0]["matmul_flops"] == floors[1]["matmul_flops"]     # the machine's best rate, not each worker's
     for r in report["results"].values():
         assert r["stages"]["total"] > 0 and r["stages"]["ar_decode_tokens_per_s"] > 0 and r["peak_rss_gb"] > 0
-        assert 0 < r["peak_rss_measured_gb"] <= r["peak_rss_gb"]         # after the warm-up, within the process's
+        # after the warm-up, within the process's (two kernel counters: gVisor's getrusage lags VmHWM by ~0.1%)
+        assert 0 < r["peak_rss_measured_gb"] <= r["peak_rss_gb"] * 1.01
     ours, batch = report["comparisons"]["glmimage-float32"], report["comparisons"]["glmimage-float32+batch2+offload"]
     assert ours["image_vs_reference_same_tokens"]["max_abs"] <= 2
     assert ours["speedup_end_to_end"] > 0 and ours["dit_over_floor"] > 0 and 0 < ours["ar_decode_linears_share"]
