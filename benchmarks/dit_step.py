@@ -1,4 +1,5 @@
-"""One DiT denoising step alone, four ways, each in this process: eager, blocks compiled one by one (what
+"""One DiT denoising step alone, five ways, each in this process: eager, eager under the text-key mask (what
+batched CFG did before it left each branch's padding out per branch), blocks compiled one by one (what
 `compile()` does on an accelerator), the whole velocity compiled, and the whole velocity compiled with frozen
 weights (what `compile()` does on a CPU). Text-to-image with CFG batched (batch 2), random latents and tokens.
 
@@ -15,11 +16,11 @@ import time
 import torch
 
 from glmimage.ar import cpu_compile
-from glmimage.dit import CPU_COMPILE_OPTIONS
+from glmimage.dit import CPU_COMPILE_OPTIONS, text_key_mask
 from glmimage.pipeline import Pipeline
 from glmimage.schedule import make_schedule
 
-MODES = ("eager", "blocks", "whole", "frozen")
+MODES = ("eager", "masked", "blocks", "whole", "frozen")
 
 
 def main() -> None:
@@ -51,6 +52,8 @@ def main() -> None:
         velocity = cpu_compile(dit.velocity, CPU_COMPILE_OPTIONS)
     with torch.no_grad():
         ctx = dit.batch_cfg(dit.context(glyph, prior, False, grid), dit.context(glyph_neg, prior, True, grid))
+        if args.mode == "masked":
+            ctx = ctx._replace(groups=None, mask=text_key_mask(ctx.txt_len, glyph.shape[1], side * side))
         ts, _ = make_schedule(args.steps, side * side, pipe.scheduler_config)
         n = len(ts)
         mods = dit.modulation(dit.embed_vec(ts, torch.tensor([[float(args.size)] * 2]).expand(n, 2),
