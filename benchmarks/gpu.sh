@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh smoke   # CUDA tests + the medium preset side by side on the GPU      (~3 min)
 #   bash benchmarks/gpu.sh full    # official sizes, random weights, 1024², 50 steps: ours, then the reference (~9 min)
 #   bash benchmarks/gpu.sh finetune  # fine-tuning the official-size DiT and AR (LoRA, bf16): device memory, s/step
+#   bash benchmarks/gpu.sh parity  # the official-size DiT against the reference's, bf16 and fp32, 1024², 50 steps (~4 min)
 #
 # The machine has PyTorch but no diffusers and an older transformers: the reference versions this repo tests
 # against travel as wheels in .whl/, fetched where pip works with
@@ -77,6 +78,13 @@ elif [ "$mode" = finetune ]; then
   # ~13.9 GB of frozen DiT weights + ~3.8 GB of adapters and their AdamW state, before activations)
   export TMPDIR=/tmp/finetune-work; mkdir -p $TMPDIR
   timeout ${FINETUNE_TIMEOUT:-540} python3 benchmarks/finetune.py --preset full --device cuda --size 1024     --images 8 --steps 6 --warmup 2 --batch 1 --threads 8     --setups decoder:lora64:bf16:recompute,decoder:lora64:bf16,ar:lora64:bf16:recompute     --out "$OUT/finetune-full-cuda.jsonl" 2>&1 | grep -v Warning | tail -20
+elif [ "$mode" = parity ]; then
+  # the official-size DiT against the reference's on shared random weights, 1024², 50 steps, CFG 1.5: in bf16, then
+  # in fp32 (does the full-size image difference of the bf16 bench come from the DiT?)
+  timeout 120 python3 benchmarks/dit_parity.py --preset full --device cuda --dtype bfloat16 --size 1024 --steps 50 \
+    --out "$OUT/dit-parity-full-bf16-cuda.json" 2>&1 | grep -v Warning | tail -8
+  timeout 300 python3 benchmarks/dit_parity.py --preset full --device cuda --dtype float32 --size 1024 --steps 50 \
+    --out "$OUT/dit-parity-full-fp32-cuda.json" 2>&1 | grep -v Warning | tail -8
 else
-  echo "usage: bash benchmarks/gpu.sh smoke|full|finetune" >&2; exit 2
+  echo "usage: bash benchmarks/gpu.sh smoke|full|finetune|parity" >&2; exit 2
 fi
