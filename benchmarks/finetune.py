@@ -7,7 +7,7 @@
 The model is a random checkpoint in the official layout (--preset, glmimage.random_checkpoint: `medium` has the
 official depths, 40 AR and 30 DiT layers, at reduced width), or --model PATH. The data is --images rendered scenes
 with captions, written as a folder of .png + .txt (what users pass as --data). A setup is
-STAGE:full|loraR:PRECISION[:recompute] (recompute: activation checkpointing); each runs
+STAGE:full|loraR:PRECISION[:recompute][:compile] (activation checkpointing, compiled blocks); each runs
 `python -m glmimage.train STAGE --init MODEL ...` (the command users run) in its own process, and its peak RSS is
 read with os.wait4 (with --device on an accelerator, also the peak device memory its training log records). A
 child's peak counts the memory of its parent at the fork, so this script keeps torch out of the parent until every
@@ -84,10 +84,9 @@ def measure(model: Path, data: Path, cache: Path, setup: str, args, root: Path) 
            "--lr", "1e-5", "--threads", str(args.threads), "--precision", precision, "--device", args.device]
     if kind != "full":
         cmd += ["--lora", kind.removeprefix("lora")]
-    if more == ["recompute"]:
-        cmd += ["--recompute"]
-    elif more:
-        raise SystemExit(f"setup {setup!r}: STAGE:full|loraR:PRECISION[:recompute]")
+    if set(more) - {"recompute", "compile"}:
+        raise SystemExit(f"setup {setup!r}: STAGE:full|loraR:PRECISION[:recompute][:compile]")
+    cmd += [f"--{flag}" for flag in more]
     t0 = time.time()
     code, peak, err = run(cmd, args.threads)
     if code:

@@ -359,6 +359,26 @@ def test_recompute_gives_the_same_losses(runs, tmp_path):
         assert [r["loss"] for r in log] == [r["loss"] for r in logs[name][0]], name
 
 
+def test_compiled_blocks_give_the_eager_losses_and_resume(runs, tmp_path):
+    """--compile (each block torch.compile'd, dynamic shapes): the eager run's losses, and a stopped compiled run
+    resumes exactly."""
+    full, logs = runs
+    preset = get_preset("debug")
+    for name in ("a", "b"):
+        for stage in ("vae", "tokenizer"):
+            shutil.copytree(full / stage, tmp_path / name / stage)
+    from torch._dynamo.utils import counters
+    for name, train in (("ar", ar.train), ("decoder", decoder.train)):
+        graphs = counters["stats"]["unique_graphs"]
+        a = [r["loss"] for r in train(preset, tmp_path / "a", steps=STEPS, progress=False, compile=True)]
+        assert counters["stats"]["unique_graphs"] > graphs, name         # the blocks did run compiled
+        train(preset, tmp_path / "b", steps=STEPS, progress=False, stop_at=2, compile=True)
+        b = [r["loss"] for r in train(preset, tmp_path / "b", steps=STEPS, progress=False, resume=True, compile=True)]
+        eager = [r["loss"] for r in logs[name][0]]
+        assert a == b and len(a) == STEPS, name
+        assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, eager)), (name, a, eager)
+
+
 def test_train_command_flags(tmp_path, capsys):
     """`glmimage train` passes --ema, --ckpt-every, --precision and --accum through, and refuses bad values."""
     from glmimage.train.__main__ import main
@@ -535,6 +555,8 @@ def test_finetune_the_official_layout(debug_ckpt, tmp_path):
     (["decoder", "--lr", "0"], "--lr must be positive"),
     (["vae", "--recompute"], "--recompute applies to the ar and decoder stages"),
     (["vae", "--lora", "4"], "--lora applies to the ar and decoder stages"),
+    (["vae", "--compile"], "--compile applies to the ar and decoder stages"),
+    (["decoder", "--compile", "--shard"], "--compile does not combine with --shard"),
     (["decoder", "--init", "DEBUG", "--size", "64", "--lora", "0"], "a positive integer"),
     (["decoder", "--init", "DEBUG", "--size", "72"], "not a multiple of the model's 32-pixel AR tokens"),
 ])

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from glmimage.ar import ARConfig, ARModel, sample_positions
 from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
-from glmimage.train.common import Runtime, checkpoint_path, load_stage, train_loop, trained_weights
+from glmimage.train.common import (Runtime, checkpoint_path, compile_blocks, load_stage, train_loop,
+                                   trained_weights)
 from glmimage.train.data import make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -171,11 +172,12 @@ def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
           object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None,
-          recompute: bool = False) -> list[dict]:
+          recompute: bool = False, compile: bool = False) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
     model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
-    recompute: activation checkpointing per decoder layer (common.recompute)."""
+    recompute: activation checkpointing per decoder layer (common.recompute). compile: each decoder layer
+    torch.compile'd (common.compile_blocks)."""
     from glmimage.train.common import finetune_identity, recompute as recompute_layers
     from glmimage.train.lora import add_lora
     rt = rt or Runtime()
@@ -202,6 +204,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         models, trainable = {"lora": adapters}, list(adapters.parameters())
     if recompute:
         recompute_layers(model.decoder.layers)
+    if compile:
+        compile_blocks(model.decoder.layers)
     kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
     source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
     S = preset.image_size

@@ -150,6 +150,15 @@ def recompute(blocks) -> None:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def compile_blocks(blocks) -> None:
+    """torch.compile each block (regional, as torchtitan does: one compiled graph, forward and backward, that every
+    block of the same shapes reuses; the glue between blocks stays eager). Dynamic shapes from the start: a batch of
+    another length reuses the graph instead of compiling a static one per length, and a resumed run replays the
+    kernels of the run it continues. The first steps pay the compile."""
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
 class ShardRoot(nn.Module):
     """A training step that calls several parts of a model (not only its forward) runs inside this module's forward
     (`root(lambda: loss(...))`), so that with --shard FSDP sees one root that gathers and schedules every unit;

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
-from glmimage.train.common import (Runtime, ShardRoot, atomic_save, finetune_identity, load_stage, train_loop,
-                                   trained_weights)
+from glmimage.train.common import (Runtime, ShardRoot, atomic_save, compile_blocks, finetune_identity, load_stage,
+                                   train_loop, trained_weights)
 from glmimage.train.data import make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -200,11 +200,12 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
           rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None,
-          recompute: bool = False) -> list[dict]:
+          recompute: bool = False, compile: bool = False) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
     cache_size: examples whose latents and ids are cached (default: build_cache's).
     lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
-    weight. recompute: activation checkpointing per DiT block (common.recompute)."""
+    weight. recompute: activation checkpointing per DiT block (common.recompute). compile: each DiT block
+    torch.compile'd (common.compile_blocks)."""
     from glmimage.train.ar import check_object_weight, weight_of_code
     from glmimage.train.common import recompute as recompute_blocks
     from glmimage.train.lora import add_lora
@@ -234,6 +235,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         models, trainable = {"lora": adapters}, list(adapters.parameters())
     if recompute:
         recompute_blocks(dit.transformer_blocks)
+    if compile:
+        compile_blocks(dit.transformer_blocks)
     per_epoch = n // cfg.batch
     code_weights = None
     if object_weight != 1:
