@@ -1,11 +1,11 @@
 """Train every stage of the debug preset for a few steps in one run folder, alone or under torchrun:
 
     python tests/train_all_stages.py DIR [--in-two-parts] [--accum K] [--device D] [--precision P]
-    torchrun --nproc-per-node N tests/train_all_stages.py DIR ... [--shard] [--recompute]
+    torchrun --nproc-per-node N tests/train_all_stages.py DIR ... [--shard] [--recompute] [--compile]
 
 --in-two-parts stops each stage at step 2 and resumes it; --accum K computes each step in K micro-batches;
 --shard trains the ar and decoder stages only, their weights sharded over the processes (FSDP2);
---recompute checkpoints their blocks' activations.
+--recompute checkpoints their blocks' activations; --compile compiles their blocks.
 test_train.py compares the runs. Dead-code restarts of the tokenizer run every 2 steps here, so the
 multi-process path of the restarts is exercised too."""
 import argparse
@@ -28,6 +28,7 @@ if __name__ == "__main__":
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--shard", action="store_true")
     ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tokenizer.RESTART_EVERY = 2
@@ -41,6 +42,8 @@ if __name__ == "__main__":
         kwargs = {"object_weight": 3.0} if name == "decoder" else {}
         if args.recompute and name in ("ar", "decoder"):
             kwargs["recompute"] = True
+        if args.compile and name in ("ar", "decoder"):
+            kwargs["compile"] = True
         if args.in_two_parts:
             train(preset, Path(args.out), steps=STEPS, progress=False, rt=rt, stop_at=2, **kwargs)
         train(preset, Path(args.out), steps=STEPS, progress=False, rt=rt, resume=args.in_two_parts, **kwargs)

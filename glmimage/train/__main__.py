@@ -97,9 +97,6 @@ def run_train(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
-    if args.compile and args.shard:
-        raise ValueError("--compile does not combine with --shard yet (FSDP2's hooks around compiled blocks are "
-                         "untested here): drop one of them")
     if args.init is not None:
         if args.stage not in ("ar", "decoder"):
             raise ValueError(f"--init fine-tunes the ar and decoder stages, not {args.stage} (the others are read "
