@@ -216,6 +216,36 @@ def test_sharded_weights_train_like_whole_ones(sharded_runs, stage):
     assert moments and all(type(m) is torch.Tensor for m in moments)
 
 
+def test_lora_with_sharded_frozen_weights(debug_ckpt, tmp_path):
+    """--lora --shard: the frozen model and the adapters sharded over 2 processes (FSDP2 units mixing frozen and
+    trainable weights) give the unsharded 2-process run's losses, resume from the sharded checkpoint, and export to
+    the same merged weights."""
+    from safetensors.torch import load_file
+    from glmimage.train.__main__ import main
+
+    def run(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "glmimage.train", "decoder", "--init", str(debug_ckpt), "--size", "64", "--lora", "4", "--out",
+               str(tmp_path / out), "--steps", "4", "--device", "cpu", *extra]
+        done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run("whole")
+    run("shard", "--shard", "--stop-after", "2")
+    run("shard", "--shard", "--resume")
+    whole, shard = ([r["loss"] for r in read_log(tmp_path / out / "decoder" / "log.jsonl")] for out in ("whole", "shard"))
+    assert len(shard) == 4 and shard == pytest.approx(whole, rel=2e-4)
+    assert (tmp_path / "shard" / "decoder" / "ckpt.dcp").exists()
+    weights = []
+    for out in ("whole", "shard"):
+        main(["export", "--out", str(tmp_path / out), "--to", str(tmp_path / f"{out}-model")])
+        weights.append({k: v for f in sorted((tmp_path / f"{out}-model" / "transformer").glob("*.safetensors"))
+                        for k, v in load_file(f).items()})
+    assert set(weights[0]) == set(weights[1])
+    assert all(torch.allclose(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6) for k in weights[0])
+
+
 @pytest.mark.slow
 def test_sharded_compiled_blocks_train_like_whole_ones(sharded_runs):
     """--shard --compile (FSDP2 units around compiled blocks): the unsharded 2-process run's losses. Slow (each

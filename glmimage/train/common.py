@@ -211,9 +211,6 @@ def finetune_identity(preset: TrainPreset, lora: int | None, rt: Runtime) -> dic
         raise ValueError(f"--lora is the adapters' rank, a positive integer (e.g. 16), got {lora}")
     if lora is not None and preset.init is None:
         raise ValueError("--lora adapts a trained model: give it with --init MODEL")
-    if lora and rt.shard:
-        raise ValueError("--lora trains small adapters on a frozen model every process holds whole: run it "
-                         "data-parallel without --shard")
     if preset.init is None:
         return {}
     return {"init": str(preset.init), "size": preset.image_size, **({"lora": lora} if lora else {})}
