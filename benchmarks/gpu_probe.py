@@ -106,36 +106,40 @@ def probe_dit() -> None:
     print("dit compiled", out, report["dit_compile_first_call_s"], flush=True)
 
 
-def probe_lora() -> None:
+def lora_step(with_recompute: bool) -> dict:
+    """Seconds per step and peak allocated memory of one LoRA 64 configuration (its model freed on return)."""
     from glmimage.train.common import recompute
     from glmimage.train.lora import add_lora
+    dit = build_dit(torch.bfloat16).requires_grad_(False)
+    adapters = add_lora(dit.transformer_blocks, 64)
+    adapters.float()
+    if with_recompute:
+        recompute(dit.transformer_blocks)
+    opt = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
+    glyph, ids, x, vec, grid = dit_inputs(dit)
+    target = torch.randn_like(x)
+
+    def step():
+        with torch.autocast(DEV.type, torch.bfloat16):
+            ctx = dit.context(glyph, ids, False, grid)
+            loss = F.mse_loss(dit.velocity(x, ctx, vec).float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if DEV.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    s = timed(step, 3, warmup=1)
+    return {"s_per_step": s, "peak_allocated_gb": peak_gb(),
+            "adapter_params": sum(p.numel() for p in adapters.parameters())}
+
+
+def probe_lora() -> None:
     out = report.setdefault("lora64_step", {})
     for with_recompute in (True, False):
-        dit = build_dit(torch.bfloat16).requires_grad_(False)
-        adapters = add_lora(dit.transformer_blocks, 64)
-        adapters.float()
-        if with_recompute:
-            recompute(dit.transformer_blocks)
-        opt = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
-        glyph, ids, x, vec, grid = dit_inputs(dit)
-        target = torch.randn_like(x)
-
-        def step():
-            with torch.autocast(DEV.type, torch.bfloat16):
-                ctx = dit.context(glyph, ids, False, grid)
-                loss = F.mse_loss(dit.velocity(x, ctx, vec).float(), target)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        if DEV.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        s = timed(step, 3, warmup=1)
         name = "recompute" if with_recompute else "plain"
-        out[name] = {"s_per_step": s, "peak_allocated_gb": peak_gb(),
-                     "adapter_params": sum(p.numel() for p in adapters.parameters())}
+        out[name] = lora_step(with_recompute)
         print("lora", name, out[name], flush=True)
-        del dit, adapters, opt
 
 
 @torch.inference_mode()

@@ -182,7 +182,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     from glmimage.train.lora import add_lora
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
-    identity = finetune_identity(preset, lora, rt)
+    identity = finetune_identity(preset, lora)
     cfg = preset.stages["ar"]
     steps = steps or cfg.steps
     vq = load_tokenizer(preset, out).to(rt.device)

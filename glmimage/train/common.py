@@ -204,7 +204,7 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", accum: int = 1,
     return Runtime(dev, PRECISIONS[precision], dist.get_rank(), dist.get_world_size(), accum, shard=shard)
 
 
-def finetune_identity(preset: TrainPreset, lora: int | None, rt: Runtime) -> dict:
+def finetune_identity(preset: TrainPreset, lora: int | None) -> dict:
     """What a fine-tuning checkpoint's weights are relative to ({} when trained from scratch): the --init model,
     the training size and the LoRA rank. Export and --resume read it."""
     if lora is not None and lora < 1:

@@ -211,7 +211,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     from glmimage.train.lora import add_lora
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
-    identity = finetune_identity(preset, lora, rt)
+    identity = finetune_identity(preset, lora)
     cfg = preset.stages["decoder"]
     steps = steps or cfg.steps
     if cache_size is not None and cache_size < cfg.batch:
