@@ -1,0 +1,34 @@
+"""The scripts a GPU session runs (benchmarks/) work, dry-run here on the debug sizes: a broken one would cost
+device minutes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_dit_parity_script_finds_our_dit_equal_to_the_reference(tmp_path):
+    out = tmp_path / "parity.json"
+    _run("dit_parity.py", "--preset", "debug", "--dtype", "float32", "--size", "64", "--steps", "3", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert len(report["velocity_per_step"]) == 3
+    assert report["latents"]["max_abs"] < 1e-5           # fp32: the same numbers up to summation order
+
+
+def test_gpu_probe_dry_run(tmp_path):
+    out = tmp_path / "probe.json"
+    _run("gpu_probe.py", "--out", str(out), "--device", "cpu", "--preset", "debug", "--side", "64",
+         "--parts", "dit,lora")
+    report = json.loads(out.read_text())
+    assert not any(k.endswith("_error") for k in report), report
+    steps = report["dit_step_s"]
+    assert set(steps) == {"batched_split", "batched_masked", "two_calls", "batched_split_compiled"}
+    assert report["dit_split_vs_masked_max_abs"] < 0.05                  # bf16: the same step up to rounding
+    assert set(report["lora64_step"]) == {"recompute", "plain"}
