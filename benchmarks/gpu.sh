@@ -61,7 +61,7 @@ elif [ "$mode" = full ]; then
   # if the bench was cut short, keep each finished worker's own JSON
   [ -f "$OUT/full-cuda.json" ] || for f in $TMPDIR/glmimage-bench-*/*.json; do cp "$f" "$OUT/partial-$(basename $f)"; done
   echo "ours: $(( $(date +%s) - t0 )) s"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py -k "cuda" 2>&1 \
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_ar.py tests/test_engine.py -k "cuda or sync" 2>&1 \
     | tee "$OUT/pytest-cuda.txt" | tail -4
   left=$(( ${BUDGET:-575} - ($(date +%s) - t0) ))
   if [ $left -gt 200 ]; then
