@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from glmimage.ar import ARConfig, ARModel, sample_positions
 from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
-from glmimage.train.common import (Runtime, checkpoint_path, compile_blocks, load_stage, train_loop,
-                                   trained_weights)
+from glmimage.train.common import (Runtime, checkpoint_path, finetune_identity, load_stage, train_loop,
+                                   trained_weights, wrap_blocks)
 from glmimage.train.data import make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -178,8 +178,6 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
     recompute: activation checkpointing per decoder layer (common.recompute). compile: each decoder layer
     torch.compile'd (common.compile_blocks)."""
-    from glmimage.train.common import finetune_identity, recompute as recompute_layers
-    from glmimage.train.lora import add_lora
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
     identity = finetune_identity(preset, lora)
@@ -197,15 +195,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
             tok = train_text_tokenizer(preset, seed)
         pt = prompt_tokenizer(tok, preset)
     model = build_ar(preset, text_vocab_size(tok, preset), seed)
-    models, trainable = {"ar": model}, list(model.parameters())
-    if lora:                    # the frozen base in the autocast dtype (half the memory in bf16), adapters in fp32
-        model.requires_grad_(False).to(rt.device, rt.autocast or torch.float32)
-        adapters = add_lora(model.decoder.layers, lora, seed)
-        models, trainable = {"lora": adapters}, list(adapters.parameters())
-    if recompute:
-        recompute_layers(model.decoder.layers)
-    if compile:
-        compile_blocks(model.decoder.layers)
+    models, trainable = wrap_blocks("ar", model, model.decoder.layers, rt, seed, lora, recompute, compile)
     kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
     source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
     S = preset.image_size

@@ -42,6 +42,7 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -159,6 +160,25 @@ def compile_blocks(blocks) -> None:
         block.compile(dynamic=True)
 
 
+def wrap_blocks(name: str, model: nn.Module, blocks: nn.ModuleList, rt: Runtime, seed: int, lora: int | None = None,
+                recompute_: bool = False, compile_: bool = False) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:
+    """A stage's training-time wrappers of its model's blocks, in the order they go on: LoRA adapters (the model
+    frozen in the autocast dtype: half the memory in bf16; adapters fp32), activation checkpointing (`recompute`),
+    compiled blocks (`compile_blocks`). Returns train_loop's (models, trainable): {name: model} and its weights, or
+    {"lora": adapters} and theirs."""
+    from glmimage.train.lora import add_lora
+    models, trainable = {name: model}, list(model.parameters())
+    if lora:
+        model.requires_grad_(False).to(rt.device, rt.autocast or torch.float32)
+        adapters = add_lora(blocks, lora, seed)
+        models, trainable = {"lora": adapters}, list(adapters.parameters())
+    if recompute_:
+        recompute(blocks)
+    if compile_:
+        compile_blocks(blocks)
+    return models, trainable
+
+
 class ShardRoot(nn.Module):
     """A training step that calls several parts of a model (not only its forward) runs inside this module's forward
     (`root(lambda: loss(...))`), so that with --shard FSDP sees one root that gathers and schedules every unit;
@@ -262,9 +282,17 @@ def load_stage(run_dir: Path, stage: str, keys: set[str] | None = None) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=False, mmap=keys is not None)
         return ck if keys is None else {k: v for k, v in ck.items() if k in keys}
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-    with warnings.catch_warnings():     # "no process group: loading in a single process" is the intent here
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+    with single_process_read():
         return _load_state_dict_from_keys(keys or STAGE_KEYS, checkpoint_id=str(path))
+
+
+@contextmanager
+def single_process_read():
+    """Quiets torch.distributed.checkpoint's warning that, with no process group, it loads in a single process:
+    reading a sharded checkpoint in one process is what is meant wherever this is used."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        yield
 
 
 def dcp_keys(path: Path) -> set[str]:
@@ -431,8 +459,7 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         saved_has_ema = any(k.startswith("ema.") for k in dcp_keys(found_path))
         if not saved_has_ema:               # --ema newly given: the average starts from the loaded weights
             state.pop("ema", None)
-        with warnings.catch_warnings():     # one process reading a sharded checkpoint: what is meant here
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        with single_process_read():
             dcp.load(state, checkpoint_id=str(found_path), no_dist=rt.world == 1)
         set_optimizer_state_dict(holder, opt, state["optimizer"])
         if ema and not saved_has_ema:

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
-from glmimage.train.common import (Runtime, ShardRoot, atomic_save, compile_blocks, finetune_identity, load_stage,
-                                   train_loop, trained_weights)
+from glmimage.train.common import (Runtime, ShardRoot, atomic_save, finetune_identity, load_stage, train_loop,
+                                   trained_weights, wrap_blocks)
 from glmimage.train.data import make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -207,8 +207,6 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     weight. recompute: activation checkpointing per DiT block (common.recompute). compile: each DiT block
     torch.compile'd (common.compile_blocks)."""
     from glmimage.train.ar import check_object_weight, weight_of_code
-    from glmimage.train.common import recompute as recompute_blocks
-    from glmimage.train.lora import add_lora
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
     identity = finetune_identity(preset, lora)
@@ -227,16 +225,11 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
                          f"with it, or use a new run folder")
     glyph = build_glyph(preset, seed)
     dit = build_dit(preset, seed)
-    models, trainable = {"dit": dit, "glyph": glyph.t5}, list(dit.parameters())
-    if lora:                    # the frozen base in the autocast dtype (half the memory in bf16), adapters in fp32
-        dit.requires_grad_(False).to(rt.device, rt.autocast or torch.float32)
+    models, trainable = wrap_blocks("dit", dit, dit.transformer_blocks, rt, seed, lora, recompute, compile)
+    if lora:                    # the frozen glyph encoder is not saved with the adapters: placed here
         glyph.to(rt.device)
-        adapters = add_lora(dit.transformer_blocks, lora, seed)
-        models, trainable = {"lora": adapters}, list(adapters.parameters())
-    if recompute:
-        recompute_blocks(dit.transformer_blocks)
-    if compile:
-        compile_blocks(dit.transformer_blocks)
+    else:
+        models["glyph"] = glyph.t5
     per_epoch = n // cfg.batch
     code_weights = None
     if object_weight != 1:
