@@ -535,6 +535,88 @@ def test_finetune_starts_from_the_model_and_resumes_exactly(finetunes):
                       progress=False, object_weight=4.0)
 
 
+def _write_mixed_shapes(root: Path) -> Path:
+    """12 captioned images of three shapes (wide 114x60, square 70x70, tall 60x112), in that order."""
+    from glmimage.data.scenes import SceneStream
+    folder = root / "shapes"
+    folder.mkdir()
+    stream = SceneStream(7, size=96, kinds=("t2i",))
+    for i, (w, h) in enumerate([(114, 60), (70, 70), (60, 112)] * 4):
+        ex = stream.example(i)
+        ex["image"].resize((w, h)).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(ex["caption"])
+    return folder
+
+
+def test_aspect_buckets(finetunes, tmp_path):
+    """--buckets: each real image is fitted to the bucket nearest its shape (not cropped to the square), the
+    decoder conditions on that size and the crop, each decoder batch holds one bucket, the AR's sequence is the
+    one sampling at that size reads, and both stages resume exactly."""
+    from glmimage.data.folder import aspect_buckets
+    from glmimage.prompt import PromptTokenizer
+    from glmimage.train.data import bucket_sizes, make_source
+    from glmimage.train.tokenizer import encode_batch, load_tokenizer
+    _, model, _, preset, _ = finetunes
+    folder = _write_mixed_shapes(tmp_path)
+    assert aspect_buckets(64, 16, 2) == [(48, 80), (64, 64), (80, 48)]
+    for side, unit, ratio in ((128, 16, 2), (1024, 32, 2), (1024, 32, 1.5)):
+        b = aspect_buckets(side, unit, ratio)
+        assert (side, side) in b and {(h, w) for w, h in b} == set(b)
+        assert all(w % unit == 0 and h % unit == 0 and w * h <= side * side and max(w / h, h / w) <= ratio
+                   for w, h in b)
+    src = make_source(str(folder), 0, 64, bucket_sizes(64, 16, 2))
+    ex = [src.example(i) for i in range(3)]
+    assert [e["image"].size for e in ex] == [(80, 48), (64, 64), (48, 80)]
+    # (top, left) in the image scaled to cover the bucket: 114x60 * 0.8 = 91x48, 60x112 * 0.8 = 48x90
+    assert [e["crop"] for e in ex] == [(0, 6), (0, 0), (5, 0)]
+    assert make_source(str(folder), 0, 64).example(0)["image"].size == (64, 64)      # without: the square
+
+    runs = {}
+    for stage in (decoder.train, ar.train):
+        runs["whole", stage] = stage(preset, tmp_path / "whole", data=str(folder), steps=STEPS, progress=False,
+                                     buckets=2)
+        stage(preset, tmp_path / "parts", data=str(folder), steps=STEPS, progress=False, buckets=2, stop_at=2)
+        runs["parts", stage] = stage(preset, tmp_path / "parts", data=str(folder), steps=STEPS, progress=False,
+                                     buckets=2, resume=True)
+        assert [r["loss"] for r in runs["parts", stage]] == [r["loss"] for r in runs["whole", stage]]
+        with pytest.raises(ValueError, match="resume with the same flags|built with --buckets, unlike this run"):
+            stage(preset, tmp_path / "whole", data=str(folder), steps=STEPS + 1, progress=False, resume=True)
+
+    cache = torch.load(tmp_path / "whole" / "decoder" / "cache.pt", weights_only=False)
+    assert cache["size"][:3].tolist() == [[48, 80], [64, 64], [80, 48]]                  # (H, W)
+    assert cache["crop"][:3].tolist() == [[0, 6], [0, 0], [5, 0]]
+    assert [tuple(z.shape[1:]) for z in cache["latents"][:3]] == [(6, 10), (8, 8), (10, 6)]   # VAE 8x down
+    for epoch in range(3):
+        batches = decoder.epoch_batches(cache["size"], 12, 4, 0, epoch)
+        assert len(batches) == 3 and sorted(i for b in batches for i in b) == list(range(12))
+        assert all(len({tuple(cache["size"][i].tolist()) for i in b}) == 1 for b in batches)
+    one_size = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 7777 + 1)).tolist()
+    assert decoder.epoch_batches(None, 10, 4, 3, 1) == [one_size[:4], one_size[4:8]]   # as before buckets
+    # the DiT is conditioned on each example's own size and crop
+    dit, glyph, seen = decoder.build_dit(preset, 0), decoder.build_glyph(preset, 0), []
+    embed = dit.embed_vec
+    dit.embed_vec = lambda t, size, crop: seen.append((size, crop)) or embed(t, size, crop)
+    batch = decoder.epoch_batches(cache["size"], 12, 4, 0, 0)[0]
+    decoder.velocity_loss(dit, glyph, cache, batch, torch.Generator().manual_seed(0), 64)
+    assert seen[0][0].tolist() == cache["size"][batch].float().tolist()
+    assert seen[0][1].tolist() == cache["crop"][batch].float().tolist()
+    with pytest.raises(ValueError, match="built with --buckets"):     # the cache decides the examples
+        shutil.copytree(tmp_path / "whole" / "decoder", tmp_path / "other" / "decoder")
+        (tmp_path / "other" / "decoder" / "ckpt.pt").unlink()
+        decoder.train(preset, tmp_path / "other", data=str(folder), steps=1, progress=False)
+
+    # the AR learns the sequence that sampling a 80x48 image reads: the t2i prompt at that size, then its grids
+    pt = PromptTokenizer.from_dir(model / "processor", preset.ar_token_px, preset.preview_side)
+    grid = encode_batch(load_tokenizer(preset, tmp_path), [ex[0]["image"]], preset)[0]
+    assert grid.shape == (3, 5)
+    seq, pos, targets, _ = ar.sequence(ar.build_ar(preset, 0, 0).cfg, pt, ex[0], {"image": grid})
+    prompt = pt.t2i(ex[0]["caption"], 48, 80)
+    P = prompt.input_ids.shape[1]
+    (ph, pw), _ = prompt.target_grids
+    assert torch.equal(seq[:P], prompt.input_ids[0]) and len(seq) == P + ph * pw + 15
+    assert torch.equal(seq[P + ph * pw:], grid.flatten())
+
+
 @pytest.mark.parametrize("run", ["full", "lora"])
 def test_finetune_exports_the_model_with_its_tuned_parts(finetunes, run, tmp_path):
     """Export of a fine-tuning run: a copy of the init model whose DiT and AR weights are the run's (LoRA merged,
@@ -601,6 +683,9 @@ def test_finetune_the_official_layout(debug_ckpt, tmp_path):
     (["vae", "--compile"], "--compile applies to the ar and decoder stages"),
     (["decoder", "--init", "DEBUG", "--size", "64", "--lora", "0"], "a positive integer"),
     (["decoder", "--init", "DEBUG", "--size", "72"], "not a multiple of the model's 32-pixel AR tokens"),
+    (["decoder", "--buckets", "2"], "--buckets is for real images"),
+    (["vae", "--data", "photos", "--buckets", "2"], "--buckets applies to the ar and decoder stages"),
+    (["ar", "--data", "photos", "--buckets", "5"], "between 1 and 4"),
 ])
 def test_finetune_flags_refused(debug_ckpt, tmp_path, capsys, args, message):
     from glmimage.train.__main__ import main

@@ -12,6 +12,7 @@ over ranks (rank, world_size) and DataLoader workers without overlap.
 
 import glob
 import io
+import math
 import random
 import re
 import tarfile
@@ -48,6 +49,40 @@ def resize_center_crop(image: Image.Image, size) -> Image.Image:
     if size is None:
         return load_rgb(image)
     return ImageOps.fit(load_rgb(image), _size(size), method=Image.BICUBIC, centering=(0.5, 0.5))
+
+
+def fit(image: Image.Image, size) -> tuple[Image.Image, tuple[int, int]]:
+    """resize_center_crop, and where the crop sits: (top, left) in pixels of the image resized to cover `size`
+    (the crop coordinates a decoder is conditioned on, SDXL-style; (0, 0) when nothing was cut away)."""
+    width, height = _size(size)
+    scale = max(width / image.width, height / image.height)
+    top, left = round((image.height * scale - height) / 2), round((image.width * scale - width) / 2)
+    return resize_center_crop(image, (width, height)), (max(top, 0), max(left, 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets: images keep (about) their shape instead of all being cropped to one square.
+
+def aspect_buckets(side: int, unit: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) training sizes: both multiples of `unit`, at most side x side pixels, aspect ratio at most
+    max_ratio:1 either way. For each width, the tallest height under the area, so every bucket holds about the
+    same number of tokens (a batch's cost does not depend on its shape); tall buckets mirror the wide ones, and
+    side x side itself is always one. Sorted from the tallest to the widest."""
+    if side % unit:
+        raise ValueError(f"the training side {side} is not a multiple of {unit}")
+    if not 1 <= max_ratio <= 4:
+        raise ValueError(f"the aspect-ratio limit must be between 1 and 4 (GLM-Image's own limit), got {max_ratio}")
+    area, wide = side * side, []
+    for width in range(side, area // unit + 1, unit):
+        height = area // width // unit * unit
+        if height >= unit and width / height <= max_ratio:
+            wide.append((width, height))
+    return sorted({*wide, *((h, w) for w, h in wide)}, key=lambda b: b[0] / b[1])
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to width/height (in log ratio: 2:1 and 1:2 are as far from 1:1)."""
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
 
 
 def _split():

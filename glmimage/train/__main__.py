@@ -65,6 +65,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "(VAE, image tokenizer, glyph encoder, text tokenizer) is read from it")
     p.add_argument("--size", type=int, default=None,
                    help="with --init: the training image side in pixels (default: the model's native size)")
+    p.add_argument("--buckets", type=float, default=None, metavar="R",
+                   help="ar and decoder on real images: aspect-ratio buckets up to R:1 (e.g. 2) of about the training "
+                        "size's area, sides multiples of the AR token, each image fitted to the bucket nearest its "
+                        "shape instead of cropped to the square (a decoder batch holds one bucket)")
     p.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="with --init: train rank-RANK LoRA adapters on the frozen model's blocks instead of every "
                         "weight (checkpoints hold the adapters; export merges them)")
@@ -127,8 +131,10 @@ def run_train(args) -> None:
         if args.stage != "decoder":
             raise ValueError(f"--cache applies to the decoder stage, not {args.stage}")
         kwargs["cache_size"] = args.cache
+    if args.buckets is not None and args.data == "synthetic":
+        raise ValueError("--buckets is for real images (a folder or tar shards): synthetic scenes are square")
     for flag, name, value in (("--lora", "lora", args.lora), ("--recompute", "recompute", args.recompute or None),
-                              ("--compile", "compile", args.compile or None)):
+                              ("--compile", "compile", args.compile or None), ("--buckets", "buckets", args.buckets)):
         if value is not None:
             if args.stage not in ("ar", "decoder"):
                 raise ValueError(f"{flag} applies to the ar and decoder stages, not {args.stage}")

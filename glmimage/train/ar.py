@@ -26,7 +26,7 @@ from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
 from glmimage.train.common import (Runtime, checkpoint_path, finetune_identity, load_stage, train_loop,
                                    trained_weights, wrap_blocks)
-from glmimage.train.data import make_source
+from glmimage.train.data import bucket_sizes, make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
@@ -116,20 +116,23 @@ def weight_of_code(preset: TrainPreset, run_dir: Path, object_weight: float) -> 
     return 1 + (object_weight - 1) * code_is_object(preset, run_dir).float()
 
 
-def sequence(cfg: ARConfig, pt: PromptTokenizer, example: dict, grids: dict, size: int,
+def sequence(cfg: ARConfig, pt: PromptTokenizer, example: dict, grids: dict,
              object_weight: Tensor | None = None) -> tuple[Tensor, ...]:
-    """One example -> (ids [L], positions [3, L], targets [L] (-100 = no loss), weights [L]).
+    """One example -> (ids [L], positions [3, L], targets [L] (-100 = no loss), weights [L]). The image size the
+    prompt asks for is the target grid's (any aspect ratio: buckets).
 
     object_weight: [n_codes] loss weight of each target code (None: 1)."""
+    px = pt.token_px
     if example["kind"] == "t2i":
-        prompt = pt.t2i(example["caption"], size, size)
+        full = grids["image"]                                                   # [th, tw]
+        prompt = pt.t2i(example["caption"], full.shape[0] * px, full.shape[1] * px)
         (ph, pw), _ = prompt.target_grids
-        full = grids["image"]
         gen = [preview_of(full, ph, pw).flatten(), full.flatten()]
         w = [torch.full((ph * pw,), PREVIEW_WEIGHT), torch.ones(full.numel())]
     else:
-        prompt = pt.i2i(example["instruction"], [grids["source"]], size, size)
-        gen, w = [grids["target"].flatten()], [torch.ones(grids["target"].numel())]
+        target = grids["target"]
+        prompt = pt.i2i(example["instruction"], [grids["source"]], target.shape[0] * px, target.shape[1] * px)
+        gen, w = [target.flatten()], [torch.ones(target.numel())]
     ids = prompt.input_ids[0]
     gen, w = torch.cat(gen), torch.cat(w)
     if object_weight is not None:
@@ -172,15 +175,17 @@ def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
           object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None,
-          recompute: bool = False, compile: bool = False) -> list[dict]:
+          recompute: bool = False, compile: bool = False, buckets: float | None = None) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
     model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
     recompute: activation checkpointing per decoder layer (common.recompute). compile: each decoder layer
-    torch.compile'd (common.compile_blocks)."""
+    torch.compile'd (common.compile_blocks). buckets: aspect-ratio buckets up to buckets:1 for real images
+    (data.bucket_sizes); a batch may mix them (its sequences are padded to the longest)."""
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
-    identity = finetune_identity(preset, lora)
+    identity = finetune_identity(preset, lora, buckets)
+    sizes = bucket_sizes(preset.image_size, preset.ar_token_px, buckets)
     cfg = preset.stages["ar"]
     steps = steps or cfg.steps
     vq = load_tokenizer(preset, out).to(rt.device)
@@ -197,8 +202,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     model = build_ar(preset, text_vocab_size(tok, preset), seed)
     models, trainable = wrap_blocks("ar", model, model.decoder.layers, rt, seed, lora, recompute, compile)
     kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
-    source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
-    S = preset.image_size
+    source = make_source(data, seed, preset.image_size, sizes, kinds=kinds,
+                         **(SCENE_KWARGS if data == "synthetic" else {}))
     code_weights = weight_of_code(preset, out, object_weight) if object_weight != 1 else None
 
     def step_fn(step: int, gen: torch.Generator):
@@ -210,7 +215,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         items = []
         for e, g in zip(ex, grids[:len(images)]):
             gd = {"image": g} if e["kind"] == "t2i" else {"target": g, "source": next(src_iter)}
-            items.append(sequence(model.cfg, pt, e, gd, S, code_weights))
+            items.append(sequence(model.cfg, pt, e, gd, code_weights))
         ids, pos, targets, weights = (t.to(rt.device) for t in collate(items, pt.pad_id))
         loss, metrics = ar_loss(model, ids, pos, targets, weights)
         return loss, weights.sum(), metrics

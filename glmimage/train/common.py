@@ -224,16 +224,18 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", accum: int = 1,
     return Runtime(dev, PRECISIONS[precision], dist.get_rank(), dist.get_world_size(), accum, shard=shard)
 
 
-def finetune_identity(preset: TrainPreset, lora: int | None) -> dict:
-    """What a fine-tuning checkpoint's weights are relative to ({} when trained from scratch): the --init model,
-    the training size and the LoRA rank. Export and --resume read it."""
+def finetune_identity(preset: TrainPreset, lora: int | None, buckets: float | None = None) -> dict:
+    """What a checkpoint's weights are relative to and what its data was ({} for a plain run from scratch): the
+    --init model, the training size, the LoRA rank, the aspect-ratio limit of --buckets. Export and --resume read
+    it."""
     if lora is not None and lora < 1:
         raise ValueError(f"--lora is the adapters' rank, a positive integer (e.g. 16), got {lora}")
     if lora is not None and preset.init is None:
         raise ValueError("--lora adapts a trained model: give it with --init MODEL")
+    data = {"buckets": buckets} if buckets else {}
     if preset.init is None:
-        return {}
-    return {"init": str(preset.init), "size": preset.image_size, **({"lora": lora} if lora else {})}
+        return data
+    return {"init": str(preset.init), "size": preset.image_size, **({"lora": lora} if lora else {}), **data}
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -402,8 +404,9 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         sharded_ck = load_stage(out_dir.parent, stage, {"step", "rng", "identity"})
     found = ck if ck is not None else sharded_ck
     if found is not None and found.get("identity", {}) != (identity or {}):
-        raise ValueError(f"{out_dir} was trained with {found.get('identity') or 'no --init/--lora'}, not "
-                         f"{identity or 'no --init/--lora'}: resume with the same flags, or use a new run folder")
+        raise ValueError(f"{out_dir} was trained with {found.get('identity') or 'no --init/--lora/--buckets'}, "
+                         f"not {identity or 'no --init/--lora/--buckets'}: resume with the same flags, or use a new "
+                         f"run folder")
     if ck is not None:
         for name, m in models.items():
             m.load_state_dict(ck["models"][name])          # whole weights, before any sharding

@@ -3,6 +3,10 @@ WebDataset tar shards (`key.jpg`/`key.png` + `key.txt`).
 
 Example i of a source depends only on (seed, i), so step s of a stage reads the indices [s*B, (s+1)*B) and a resumed
 run sees exactly the examples an uninterrupted one would.
+
+Real images are resized to cover the training size and center-cropped to it: one square (size x size), or with
+`buckets` (glmimage.data.folder.aspect_buckets) the bucket nearest each image's aspect ratio, so a wide photo stays
+wide. Their examples carry "crop": (top, left) of the cut, the decoder's crop conditioning.
 """
 from __future__ import annotations
 
@@ -25,22 +29,28 @@ class SyntheticSource:
         return self.stream.example(i)
 
 
+def fit_image(image: Image.Image, size: int, buckets: list[tuple[int, int]] | None) -> tuple[Image.Image, tuple]:
+    """(the image resized and center-cropped to size x size or to its nearest bucket, (top, left) of the crop)."""
+    from glmimage.data.folder import fit, nearest_bucket
+    return fit(image, nearest_bucket(*image.size, buckets) if buckets else size)
+
+
 class FolderSource:
-    """Real images with same-name captions (glmimage.data.folder.ImageTextFolder), resized to cover `size` and
-    center-cropped to it.
+    """Real images with same-name captions (glmimage.data.folder.ImageTextFolder), fitted by fit_image.
 
-    t2i only: {"kind": "t2i", "image", "caption"}. Example i is image i mod len(folder)."""
+    t2i only: {"kind": "t2i", "image", "caption", "crop"}. Example i is image i mod len(folder)."""
 
-    def __init__(self, path: str, size: int):
+    def __init__(self, path: str, size: int, buckets: list[tuple[int, int]] | None = None):
         from glmimage.data.folder import ImageTextFolder
-        self.folder = ImageTextFolder(path, size=size)
+        self.folder, self.size, self.buckets = ImageTextFolder(path), size, buckets     # images as stored
 
     def __len__(self) -> int:                   # distinct examples
         return len(self.folder)
 
     def example(self, i: int) -> dict:
         item = self.folder[i % len(self.folder)]
-        return {"kind": "t2i", "index": i, "image": item["image"], "caption": item["caption"], "key": item["key"]}
+        image, crop = fit_image(item["image"], self.size, self.buckets)
+        return {"kind": "t2i", "index": i, "image": image, "caption": item["caption"], "key": item["key"], "crop": crop}
 
 
 class ShardSource:
@@ -49,11 +59,11 @@ class ShardSource:
     The shards' member lists are read once (tar headers only) into an index of samples, so example i is one seek
     and read, and a resumed run sees the same examples. t2i only; example i is sample i mod the sample count."""
 
-    def __init__(self, pattern: str, size: int):
+    def __init__(self, pattern: str, size: int, buckets: list[tuple[int, int]] | None = None):
         import tarfile
 
         from glmimage.data.folder import CAPTION_EXTS, IMAGE_EXTS, expand_shards
-        self.size, self.tars, self.items = size, {}, []
+        self.size, self.buckets, self.tars, self.items = size, buckets, {}, []
         for shard in expand_shards(pattern):
             groups: dict[str, dict] = {}
             with tarfile.open(shard) as tar:
@@ -77,24 +87,42 @@ class ShardSource:
         import io
         import tarfile
 
-        from glmimage.data.folder import resize_center_crop
+        from glmimage.data.folder import load_rgb
         shard, key, image_member, caption_member = self.items[i % len(self.items)]
         if shard not in self.tars:
             self.tars[shard] = tarfile.open(shard)
         tar = self.tars[shard]
         with Image.open(io.BytesIO(tar.extractfile(image_member).read())) as im:
-            image = resize_center_crop(im, self.size)
+            image, crop = fit_image(load_rgb(im), self.size, self.buckets)
         caption = tar.extractfile(caption_member).read().decode("utf-8").strip()
-        return {"kind": "t2i", "index": i, "image": image, "caption": caption, "key": key}
+        return {"kind": "t2i", "index": i, "image": image, "caption": caption, "key": key, "crop": crop}
 
 
-def make_source(data: str, seed: int, size: int, **kwargs):
-    """'synthetic', tar shards (a path, glob or brace pattern ending in .tar), or a folder of captioned images."""
+def bucket_sizes(size: int, unit: int, max_ratio: float | None) -> list[tuple[int, int]] | None:
+    """--buckets R: the (width, height) buckets of about size x size pixels, multiples of the AR token (`unit`),
+    aspect ratio up to R:1 (None: no buckets, every image cropped to the square)."""
+    from glmimage.data.folder import aspect_buckets
+    return aspect_buckets(size, unit, max_ratio) if max_ratio else None
+
+
+def make_source(data: str, seed: int, size: int, buckets: list[tuple[int, int]] | None = None, **kwargs):
+    """'synthetic', tar shards (a path, glob or brace pattern ending in .tar), or a folder of captioned images.
+    buckets: aspect-ratio buckets for real images (synthetic scenes are square)."""
     if data == "synthetic":
+        if buckets:
+            raise ValueError("aspect-ratio buckets (--buckets) are for real images: synthetic scenes are square")
         return SyntheticSource(seed, size, **kwargs)
     if ".tar" in Path(data).name:
-        return ShardSource(data, size)
-    return FolderSource(data, size)
+        return ShardSource(data, size, buckets)
+    return FolderSource(data, size, buckets)
+
+
+def by_size(images: list[Image.Image]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the images of each (width, height), in order: the groups a batched encoder can stack."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.size, []).append(i)
+    return groups
 
 
 def to_pixels(images: list[Image.Image]) -> Tensor:

@@ -8,7 +8,8 @@ Conditioning, as the pipeline feeds it:
   * prior ids: the tokenizer's ids of the target image (ground truth), nearest-upsampled to the DiT grid;
   * glyph: GlyphEncoder of the caption (t2i) or the instruction (edit): ByT5-shaped T5 encoder, random init and
     frozen (a fixed, injective byte/position code; the DiT's glyph_projector learns to read it);
-  * size (H, W) and crop (0, 0);
+  * size (H, W) and crop (top, left): the image's own (aspect-ratio buckets), and where a real image was cut
+    when it was fitted to that size ((0, 0) for synthetic scenes; sampling asks for (0, 0): an uncropped look);
   * edits: the source image's reference KV prefix (dit.reference_kv, with gradients) on the conditional branch;
   * 10% of samples are unconditional, exactly the pipeline's CFG negative branch: glyph of "", prior dropped,
     no reference prefix.
@@ -20,7 +21,8 @@ latent, and shapes are what the decoder gets wrong.
 VAE latents and token ids are computed once for a fixed set of examples (CACHE_SIZE by preset, or `cache_size`:
 --cache N; rendering, the VAE encoder and the tokenizer cost ~22 ms per small-preset example on 2 CPU cores,
 about a training step's ~27 ms per example) and stored in DIR/decoder/cache.pt; each epoch reads a seeded permutation of
-that set. A larger cache costs its build time once and sees each example fewer times: for the small model 16000
+that set, each batch of one size (epoch_batches: with aspect-ratio buckets, a bucket's batches fill in the order the
+permutation reaches its examples). A larger cache costs its build time once and sees each example fewer times: for the small model 16000
 instead of 4000 narrowed the gap between training and fresh examples but did not improve fresh ones (model card,
 History: "v3").
 """
@@ -38,7 +40,7 @@ from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
 from glmimage.train.common import (Runtime, ShardRoot, atomic_save, finetune_identity, load_stage, train_loop,
                                    trained_weights, wrap_blocks)
-from glmimage.train.data import make_source, to_pixels
+from glmimage.train.data import bucket_sizes, by_size, make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
@@ -92,40 +94,71 @@ def load_vae(preset: TrainPreset, run_dir: Path):
 
 @torch.no_grad()
 def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int | None,
-                progress: bool = True) -> dict:
-    """Normalised latents, upsampled prior ids and texts of n fixed examples (and the edit sources); n None: the
-    preset's cache size (4000 unless named in CACHE_SIZE), or for a folder or shards of fewer images each once
-    (their examples are deterministic, so repeats would only cost memory), but at least one batch."""
+                progress: bool = True, buckets: list[tuple[int, int]] | None = None) -> dict:
+    """Normalised latents, upsampled prior ids, texts, pixel sizes and crops of n fixed examples (and the edit
+    sources); n None: the preset's cache size (4000 unless named in CACHE_SIZE), or for a folder or shards of fewer
+    images each once (their examples are deterministic, so repeats would only cost memory), but at least one batch.
+    One size: "latents" [n, C, h, w] and "ids" [n, N]; several (buckets): lists of each example's tensors."""
     from tqdm import tqdm
     vae, mean, std = load_vae(preset, run_dir)
     vq = load_tokenizer(preset, run_dir)
     kinds = ("t2i", "t2i", "t2i", "edit") if data == "synthetic" else ("t2i",)
-    source = make_source(data, seed, preset.image_size, kinds=kinds, **(SCENE_KWARGS if data == "synthetic" else {}))
+    source = make_source(data, seed, preset.image_size, buckets, kinds=kinds,
+                         **(SCENE_KWARGS if data == "synthetic" else {}))
     if n is None:
         n = CACHE_SIZE.get(preset.name, 4000)
         if data != "synthetic":
             n = min(n, max(preset.stages["decoder"].batch, len(source)))
     u = preset.ar_token_px // (vae_scale(vae) * 2)
 
-    def encode(images):
-        z = (vae.encode(to_pixels(images)).latent_dist.mode() - mean) / std
-        ids = encode_batch(vq, images, preset)
-        return z.to(torch.bfloat16), ids.repeat_interleave(u, 1).repeat_interleave(u, 2).flatten(1)
+    def encode(images) -> list[tuple[Tensor, Tensor]]:
+        """Each image's (latent [C, h, w] bf16, prior ids upsampled to the DiT grid [N]); one batch per size."""
+        out = [None] * len(images)
+        grids = encode_batch(vq, images, preset)
+        for members in by_size(images).values():
+            z = (vae.encode(to_pixels([images[i] for i in members])).latent_dist.mode() - mean) / std
+            for k, i in enumerate(members):
+                out[i] = z[k].to(torch.bfloat16), grids[i].repeat_interleave(u, 0).repeat_interleave(u, 1).flatten()
+        return out
 
-    cache = {"latents": [], "ids": [], "text": [], "src_latents": {}, "src_ids": {}}
+    cache = {"latents": [], "ids": [], "text": [], "size": [], "crop": [], "src_latents": {}, "src_ids": {}}
     B = 16
     for i in tqdm(range(0, n, B), desc="decoder cache", disable=not progress):
         ex = [source.example(j) for j in range(i, min(n, i + B))]
-        z, ids = encode([e["image"] if e["kind"] == "t2i" else e["target"] for e in ex])
-        cache["latents"].append(z), cache["ids"].append(ids)
+        images = [e["image"] if e["kind"] == "t2i" else e["target"] for e in ex]
+        for z, ids in encode(images):
+            cache["latents"].append(z), cache["ids"].append(ids)
         cache["text"] += [e["caption"] if e["kind"] == "t2i" else e["instruction"] for e in ex]
+        cache["size"] += [(im.height, im.width) for im in images]
+        cache["crop"] += [e.get("crop", (0, 0)) for e in ex]
         edits = [k for k, e in enumerate(ex) if e["kind"] == "edit"]
-        if edits:
-            sz, sids = encode([ex[k]["source"] for k in edits])
-            for j, k in enumerate(edits):
-                cache["src_latents"][i + k], cache["src_ids"][i + k] = sz[j], sids[j]
-    cache["latents"], cache["ids"] = torch.cat(cache["latents"]), torch.cat(cache["ids"])
+        for k, (z, ids) in zip(edits, encode([ex[k]["source"] for k in edits])):
+            cache["src_latents"][i + k], cache["src_ids"][i + k] = z, ids
+    if len(set(cache["size"])) == 1:              # one size: one tensor each (what a cache has always held)
+        cache["latents"], cache["ids"] = torch.stack(cache["latents"]), torch.stack(cache["ids"])
+    cache["size"], cache["crop"] = torch.tensor(cache["size"]), torch.tensor(cache["crop"])
+    cache["buckets"] = buckets
     return cache
+
+
+def epoch_batches(sizes: Tensor | None, n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches of cached examples: a seeded permutation, cut into batches of one size each. sizes [n, 2]
+    (None: one size) ; each size's batch fills in the order the permutation reaches its examples, and a size's last
+    partial batch waits for no one (dropped this epoch; another permutation next). With one size these are the
+    permutation's consecutive chunks. The count per epoch, sum over sizes of n_size // batch, never changes."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7777 + epoch)).tolist()
+    if sizes is None or len(set(map(tuple, sizes.tolist()))) == 1:
+        return [perm[k * batch:(k + 1) * batch] for k in range(n // batch)]
+    keys = list(map(tuple, sizes.tolist()))
+    pending: dict[tuple, list[int]] = {}
+    out = []
+    for i in perm:
+        fill = pending.setdefault(keys[i], [])
+        fill.append(i)
+        if len(fill) == batch:
+            out.append(fill)
+            pending[keys[i]] = []
+    return out
 
 
 def vae_scale(vae) -> int:
@@ -140,7 +173,8 @@ def schedule_point(s: Tensor, n_tokens: int) -> tuple[Tensor, Tensor]:
 def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int], gen: torch.Generator,
                   size: int, code_weights: Tensor | None = None, rows: slice = slice(None),
                   every_call: bool = False) -> tuple[Tensor, Tensor | int, dict]:
-    """The batch idx's flow-matching loss over its `rows` (this process's block): (loss, weight, metrics).
+    """The batch idx's flow-matching loss over its `rows` (this process's block): (loss, weight, metrics). The batch's
+    examples share one size (epoch_batches); size: the square side of caches that hold no per-example sizes.
 
     Randomness is drawn for the whole batch and then sliced, so the rows' numbers do not depend on the split.
     code_weights: [n_codes] loss weight of the latent pixels under each prior code (None: plain MSE).
@@ -150,19 +184,22 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
     device = dit.proj_out.weight.device
     drop_all = torch.rand(B, generator=gen) < DROP_P
     s_all = torch.rand(B, generator=gen) * 0.999 + 0.001                        # (0.001, 1]
-    noise_all = torch.randn((B, *cache["latents"].shape[1:]), generator=gen)
+    noise_all = torch.randn((B, *cache["latents"][idx[0]].shape), generator=gen)  # (a batch has one size)
     idx, drop, s, noise = idx[rows], drop_all[rows].tolist(), s_all[rows].to(device), noise_all[rows].to(device)
     B = len(idx)
-    x0 = cache["latents"][idx].to(device).float()                               # [B, C, h, w]
-    ids = cache["ids"][idx].to(device)                                          # [B, N]
+    x0 = torch.stack([cache["latents"][i] for i in idx]).to(device).float()   # [B, C, h, w]
+    ids = torch.stack([cache["ids"][i] for i in idx]).to(device)               # [B, N]
     texts = ["" if d else cache["text"][i] for i, d in zip(idx, drop)]
     p = dit.cfg.patch_size
     grid = (x0.shape[2] // p, x0.shape[3] // p)
     timestep, sigma = schedule_point(s, grid[0] * grid[1])                    # the inference mapping
     xt = (1 - sigma.view(B, 1, 1, 1)) * x0 + sigma.view(B, 1, 1, 1) * noise
     target = noise - x0
-    size_t = torch.tensor([[size, size]] * B, dtype=torch.float32, device=device)
-    vec = dit.embed_vec(timestep, size_t, torch.zeros(B, 2, device=device))   # [B, E]
+    if "size" in cache:                       # (caches written before buckets: square, uncropped)
+        size_t, crop = cache["size"][idx].float().to(device), cache["crop"][idx].float().to(device)   # [B, 2] each
+    else:
+        size_t, crop = torch.tensor([[size, size]] * B, dtype=torch.float32, device=device), x0.new_zeros(B, 2)
+    vec = dit.embed_vec(timestep, size_t, crop)                                 # [B, E]
     glyph, txt_len = glyph_enc.encode(texts)                                    # [B, T, Dt] (frozen), [B]
     txt = dit.glyph_projector(glyph)
     prior = dit.prior_projector(dit.prior_token_embedding(ids))                 # [B, N, D]
@@ -183,7 +220,7 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
             if group:
                 src = torch.stack([cache["src_latents"][idx[b]] for b in group]).to(device).float()
                 src_ids = torch.stack([cache["src_ids"][idx[b]] for b in group]).to(device)
-            ref_kv = dit.reference_kv([src], [src_ids], [(size, size)])
+            ref_kv = dit.reference_kv([src], [src_ids], [(size, size)])       # (edits: synthetic, square)
         mask = text_key_mask(txt_len[g], txt.shape[1], grid[0] * grid[1], ref_kv)  # hide each text's padding
         ctx = Context(txt[g], prior[g], rope, ref_kv, mask, txt_len[g])
         v = v.index_put((g,), dit.velocity(xt[g], ctx, vec[g]).float())
@@ -200,29 +237,40 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
           rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None,
-          recompute: bool = False, compile: bool = False) -> list[dict]:
+          recompute: bool = False, compile: bool = False, buckets: float | None = None) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
     cache_size: examples whose latents and ids are cached (default: build_cache's).
     lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
     weight. recompute: activation checkpointing per DiT block (common.recompute). compile: each DiT block
-    torch.compile'd (common.compile_blocks)."""
+    torch.compile'd (common.compile_blocks). buckets: aspect-ratio buckets up to buckets:1 for real images
+    (data.bucket_sizes); each batch holds one bucket (epoch_batches)."""
     from glmimage.train.ar import check_object_weight, weight_of_code
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
-    identity = finetune_identity(preset, lora)
+    identity = finetune_identity(preset, lora, buckets)
+    sizes = bucket_sizes(preset.image_size, preset.ar_token_px, buckets)
     cfg = preset.stages["decoder"]
     steps = steps or cfg.steps
     if cache_size is not None and cache_size < cfg.batch:
         raise ValueError(f"--cache must hold at least one batch ({cfg.batch} examples), got {cache_size}")
     cache_path = Path(out) / "decoder" / "cache.pt"
     if not cache_path.exists() and rt.main:          # one process builds the cache, the others read it
-        atomic_save(build_cache(preset, out, data, seed, cache_size, progress), cache_path)
+        atomic_save(build_cache(preset, out, data, seed, cache_size, progress, sizes), cache_path)
     rt.barrier()
     cache = torch.load(cache_path, weights_only=False)
     n = len(cache["text"])
     if cache_size is not None and n != cache_size:
         raise ValueError(f"{cache_path} holds {n} examples, not --cache {cache_size}: pass --cache {n} to continue "
                          f"with it, or use a new run folder")
+    if cache.get("buckets") != sizes and (sizes or cache.get("buckets")):
+        raise ValueError(f"{cache_path} was built {'with --buckets' if cache.get('buckets') else 'without --buckets'}"
+                         f", unlike this run: give the flags it was built with, or use a new run folder")
+    batches = {}                        # epoch -> its batches (epoch_batches)
+    per_epoch = len(epoch_batches(cache.get("size"), n, cfg.batch, seed, 0))
+    if per_epoch == 0:
+        sizes_held = sorted({tuple(x) for x in cache["size"].tolist()}) if "size" in cache else "one"
+        raise ValueError(f"no image size (aspect bucket) holds a whole batch of {cfg.batch} among the {n} cached "
+                         f"examples (sizes {sizes_held}): give a smaller --batch, more images, or fewer buckets")
     glyph = build_glyph(preset, seed)
     dit = build_dit(preset, seed)
     models, trainable = wrap_blocks("dit", dit, dit.transformer_blocks, rt, seed, lora, recompute, compile)
@@ -230,7 +278,6 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         glyph.to(rt.device)
     else:
         models["glyph"] = glyph.t5
-    per_epoch = n // cfg.batch
     code_weights = None
     if object_weight != 1:
         code_weights = weight_of_code(preset, out, object_weight).to(rt.device)
@@ -239,8 +286,10 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
 
     def step_fn(step: int, gen: torch.Generator):
         epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7777 + epoch))
-        idx = perm[k * cfg.batch:(k + 1) * cfg.batch].tolist()
+        if epoch not in batches:
+            batches.clear()
+            batches[epoch] = epoch_batches(cache.get("size"), n, cfg.batch, seed, epoch)
+        idx = batches[epoch][k]
         return root(lambda: velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, code_weights,
                                           rt.rows(cfg.batch), every_call=rt.shard))
 

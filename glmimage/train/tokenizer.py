@@ -86,11 +86,19 @@ def post_quant(tok: ImageTokenizer, zq: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def encode_batch(tok: ImageTokenizer, images, preset: TrainPreset) -> Tensor:
-    """PIL images -> VQ ids [B, g, g] exactly through the inference preprocessing (training-time batched)."""
-    px = torch.stack([preprocess(im, preset.min_pixels, preset.max_pixels, preset.vision_patch) for im in images])
-    _, ids, _ = quantize(tok, vit_features(tok, px.to(tok.vq.quant_conv.weight.device)))
-    return ids.cpu().view(len(images), px.shape[-2] // preset.vision_patch, px.shape[-1] // preset.vision_patch)
+def encode_batch(tok: ImageTokenizer, images, preset: TrainPreset) -> list[Tensor]:
+    """PIL images (sizes multiples of the AR token) -> each one's VQ ids [H / ar_token_px, W / ar_token_px], exactly
+    through the inference preprocessing at the image's own size; images of one size run as one batch."""
+    from glmimage.train.data import by_size
+    grids: list[Tensor] = [None] * len(images)
+    for (w, h), members in by_size(images).items():
+        px = torch.stack([preprocess(images[i], min(w, h) ** 2, max(w, h) ** 2, preset.vision_patch)
+                          for i in members])                                # [b, 3, H/2, W/2]: the processor halves
+        _, ids, _ = quantize(tok, vit_features(tok, px.to(tok.vq.quant_conv.weight.device)))
+        ids = ids.cpu().view(len(members), px.shape[-2] // preset.vision_patch, px.shape[-1] // preset.vision_patch)
+        for k, i in enumerate(members):
+            grids[i] = ids[k]
+    return grids
 
 
 def load_tokenizer(preset: TrainPreset, run_dir: Path) -> ImageTokenizer:
