@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -241,7 +242,7 @@ def worker_ours(args, device, dtype) -> dict:
         t = time.perf_counter()
         image = pipe(PROMPT if batch == 1 else [PROMPT] * batch, height=args.height, width=args.width,
                      num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                     prior_token_ids=prior, timings=timings)[0]
+                     prior_token_ids=prior, step_cache=args.step_cache, timings=timings)[0]
         sync(device)
         timings["total"] = time.perf_counter() - t
         if batch > 1:                                # one batch of `batch` images (seeds seed..seed+batch-1)
@@ -254,7 +255,8 @@ def worker_ours(args, device, dtype) -> dict:
     image, stages = min((run() for _ in range(args.repeat)), key=lambda r: r[1]["total"])
     impl = (f"glmimage ({dtype}{', int8 AR' if args.int8 else ''}{', offload' if args.offload else ''}"
             f"{', no CUDA graph' if args.eager and device.type == 'cuda' else ''}{', compiled' if args.compile else ''}"
-            f"{f', batch of {args.batch}' if args.batch > 1 else ''})")
+            f"{f', batch of {args.batch}' if args.batch > 1 else ''}"
+            f"{f', step cache {args.step_cache:g}' if args.step_cache else ''})")
     out = {"impl": impl, "load_s": load_s, "first_image_s": first[0] if first else None, "stages": stages,
            "image": image, "batch": args.batch,
            "grid": stages.pop("grid"), **peak_memory(device, measured)}    # before the floor probe allocates its own
@@ -291,7 +293,8 @@ def worker_main(args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: bool = False,
-          offload: bool = False, batch: int = 1, eager: bool = False, compile: bool = False) -> dict:
+          offload: bool = False, batch: int = 1, eager: bool = False, compile: bool = False,
+          step_cache: float = 0.0) -> dict:
     """Run one worker in a fresh process. A failed worker is reported ({"error": ...}), not fatal: the other
     implementations still run (on a rented GPU, one crash should not cost the whole run)."""
     cmd = [sys.executable, "-m", "glmimage.bench", "--worker", worker, "--model", str(args.model),
@@ -309,6 +312,8 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
         cmd += ["--int8"]
     if batch > 1:
         cmd += ["--batch", str(batch)]
+    if step_cache:
+        cmd += ["--step-cache", str(step_cache)]
     if eager:
         cmd += ["--eager"]
     print("$", " ".join(cmd[1:]), flush=True)
@@ -329,8 +334,8 @@ def image_diff(a: str, b: str) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["ar_prefill", "ar_decode", "ar_decode_tokens_per_s", "glyph", "dit", "dit_per_step", "vae", "total",
-            "s_per_image"]
+    rows = ["ar_prefill", "ar_decode", "ar_decode_tokens_per_s", "glyph", "dit", "dit_per_step", "dit_steps_cached",
+            "vae", "total", "s_per_image"]
     names = list(results)
     lines = [f"{'stage':<24}" + "".join(f"{n:>22}" for n in names)]
     for r in rows:
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
                                                    "'+int8' adds int8 AR weights, '+offload' stage residency, "
                                                    "'+batchN' N prompts in one call (throughput), '+eager' no CUDA "
                                                    "graph for the AR decode, '+compile' torch.compile (as "
-                                                   "--compile), e.g. "
+                                                   "--compile), '+cacheT' the DiT step cache at threshold T, e.g. "
                                                    "float32+offload,bfloat16+int8,bfloat16+batch4,bfloat16+compile; a compiled "
                                                    "variant always gets a warm-up, its first image reported as "
                                                    "first_image_s; 'none': the reference alone)")
@@ -383,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--step-cache", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args)
@@ -391,13 +397,15 @@ def main(argv: list[str] | None = None) -> None:
     for variant in ([] if args.dtype == "none" else args.dtype.split(",")):
         dt, *flags = variant.split("+")
         batch = [int(f[5:]) for f in flags if f.startswith("batch") and f[5:].isdigit() and int(f[5:]) > 0]
-        unknown = set(flags) - {"int8", "offload", "eager", "compile"} - {f"batch{b}" for b in batch}
+        cache = [f for f in flags if re.fullmatch(r"cache(0?\.\d+)", f)]
+        unknown = set(flags) - {"int8", "offload", "eager", "compile"} - {f"batch{b}" for b in batch} - set(cache)
         if unknown:
             raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, offload, eager, compile, "
-                             "batchN (N >= 1)")
+                             "batchN (N >= 1), cacheT (0 < T < 1, e.g. cache0.1)")
         variants.append((variant, dt, dict(int8="int8" in flags, offload="offload" in flags,
                                            batch=batch[0] if batch else 1, eager="eager" in flags,
-                                           compile="compile" in flags)))
+                                           compile="compile" in flags,
+                                           step_cache=float(cache[0][5:]) if cache else 0.0)))
     if args.model is None:
         from glmimage.cli import pick_device
         from glmimage.random_checkpoint import make_random_checkpoint

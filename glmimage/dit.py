@@ -352,6 +352,33 @@ class StepModulation(NamedTuple):
     out: Tensor
 
 
+class StepCache:
+    """First-block step cache (FBCache, as ParaAttention's for FLUX; TeaCache's idea without its fitted curve).
+
+    In the middle of a schedule consecutive steps change the DiT's hidden states little. Every step runs the first
+    block; when its residual (output - input) is within `threshold` of the one at the last fully computed step
+    (mean absolute difference relative to that one's mean magnitude: the drift accumulates until it is not), the
+    other blocks are skipped and their residual from that step is added instead. threshold 0 never skips. One
+    cache per branch call: a batch (both CFG branches, several images) shares each decision, so with a cache a
+    batched image can differ from the same image generated alone."""
+
+    def __init__(self, threshold: float):
+        if not 0 <= threshold < 1:
+            raise ValueError(f"the step-cache threshold is a relative difference in [0, 1) (e.g. 0.1; 0 = off), "
+                             f"got {threshold}")
+        self.threshold = threshold
+        self.first: Tensor | None = None  # [B, N, D] the first block's residual at the last full step
+        self.rest: Tensor | None = None   # [B, N, D] the other blocks' residual at that step
+        self.skipped = 0                  # steps whose blocks after the first were skipped
+
+    def hit(self, first: Tensor) -> bool:
+        """Can this step reuse `rest`? One host sync (the decision is Python control flow)."""
+        if self.first is None or self.first.shape != first.shape:
+            return False
+        diff = (first - self.first).abs().mean() / self.first.abs().mean().clamp_min(1e-12)
+        return bool(diff < self.threshold)
+
+
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -396,18 +423,30 @@ class DiT(nn.Module):
         whole set can be computed in one pass over the AdaLN weights (a GEMM instead of 2·steps GEMVs)."""
         return StepModulation([b.norm1.linear(vec) for b in self.transformer_blocks], self.norm_out.linear(vec))
 
-    def velocity(self, x: Tensor, ctx: Context, vec: Tensor | None = None, mod: StepModulation | None = None) -> Tensor:
+    def velocity(self, x: Tensor, ctx: Context, vec: Tensor | None = None, mod: StepModulation | None = None,
+                 cache: StepCache | None = None) -> Tensor:
         """x [B, C, H, W] latents (any float dtype; cast to the weights' dtype), and vec [B, E] or its precomputed
-        modulation -> v [B, C, H, W]."""
+        modulation -> v [B, C, H, W]. cache: this branch's StepCache across the steps (None: every block runs)."""
         H, W = x.shape[-2:]
         p = self.cfg.patch_size
         mod = self.modulation(vec) if mod is None else mod
         x = x.to(self.proj_out.weight.dtype)
         x = self.image_projector.proj(patchify(x, p)) + ctx.prior  # [B, N, D]
         c = ctx.txt  # [B, T, D]
+        x_in = x
         for i, block in enumerate(self.transformer_blocks):
             x, c, _ = block(x, c, mod.blocks[i], ctx.rope, None if ctx.ref_kv is None else ctx.ref_kv[i], ctx.mask,
                             ctx.groups)
+            if i == 0 and cache is not None:
+                first, x_first = x - x_in, x  # [B, N, D] the first block's residual
+                if cache.hit(first):  # the other blocks' residual of the last full step stands in for them
+                    x = x + cache.rest
+                    cache.skipped += 1
+                    break
+                cache.first = first
+        else:
+            if cache is not None:
+                cache.rest = x - x_first  # [B, N, D]
         scale, shift = mod.out[:, None].chunk(2, dim=-1)  # [B, 1, D] each; scale comes first
         x = self.proj_out(modulate(layer_norm(x), shift, scale))  # [B, N, p·p·C]; the text stream is dropped
         return unpatchify(x, H // p, W // p, p)  # [B, C, H, W]

@@ -27,7 +27,7 @@ from PIL import Image
 from glmimage import loading
 from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, cpu_compile, generate_prior, sync
 from glmimage.dit import CPU_COMPILE_OPTIONS as DIT_CPU_COMPILE_OPTIONS
-from glmimage.dit import DiT, DiTConfig, adaln_key
+from glmimage.dit import DiT, DiTConfig, StepCache, adaln_key
 from glmimage.glyph import GlyphEncoder
 from glmimage.prompt import PromptTokenizer, collate
 from glmimage.quantize import quantize_int8
@@ -382,7 +382,7 @@ class Pipeline:
                  prior_token_ids: torch.Tensor | None = None,
                  callback: Callable[[int, torch.Tensor], None] | None = None,
                  on_preview: Callable[[Image.Image], None] | None = None, preview_steps: int = 4,
-                 timings: dict | None = None) -> list[Image.Image]:
+                 step_cache: float = 0.0, timings: dict | None = None) -> list[Image.Image]:
         """prompt (+ reference images for edits) -> images. height/width default to the model's native size.
 
         A list of prompts runs as one batch through every stage (text-to-image) and returns one image per
@@ -390,10 +390,13 @@ class Pipeline:
         (or pass one seed per prompt). callback(step, latents) runs after every denoising step. on_preview(image)
         receives a low-resolution preview decoded from the t2i preview grid (`preview_steps` Euler steps, no
         CFG) as soon as the AR has written it, before the large grid exists (once per image, in order).
+        step_cache > 0 skips the DiT's blocks after the first at steps whose first-block output has moved less than
+        that (relative) since the last full step (dit.StepCache; e.g. 0.1; 0 = off, exact).
         timings, if a dict, is filled with per-stage seconds."""
         prompts = self._prompts(prompt)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        StepCache(step_cache)                           # a bad threshold fails here, before any work
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         th, tw = self.check_size(height, width)
@@ -430,13 +433,14 @@ class Pipeline:
         if timings is not None:
             timings["grid"] = grid[0].tolist() if isinstance(prompt, str) else grid.tolist()
         return self.decode_grid(prompts, grid, height, width, num_inference_steps, guidance_scale, seeds,
-                                images=images, ref_ids=ref_ids, callback=callback, timings=timings)
+                                images=images, ref_ids=ref_ids, callback=callback, step_cache=step_cache,
+                                timings=timings)
 
     @torch.no_grad()
     def decode_grid(self, prompt: str | list[str], grid: torch.Tensor, height: int, width: int,
                     num_inference_steps: int, guidance_scale: float, seed: int | list[int],
                     images: list[Image.Image] = (), ref_ids: list[torch.Tensor] = (), callback=None,
-                    timings: dict | None = None) -> list[Image.Image]:
+                    step_cache: float = 0.0, timings: dict | None = None) -> list[Image.Image]:
         """The decoder half: AR grid [th, tw] or [B, th, tw] -> B images, through glyph, DiT and VAE. prompt: one
         for all, or one per image; seed: an int (image b gets seed + b) or one per image (its noise's seed)."""
         grid = grid if grid.dim() == 3 else grid[None]
@@ -470,7 +474,7 @@ class Pipeline:
         with self._stage("dit", timings) as dit:
             ref_kv = dit.reference_kv(*ref_latents, mods=ref_mods) if ref_latents is not None else None
             latents = self._denoise(dit, noise, (glyph, glyph_len), glyph_neg, prior, ref_kv, grid_hw, mods,
-                                    timesteps, sigmas, guidance_scale, callback)
+                                    timesteps, sigmas, guidance_scale, callback, step_cache, timings)
         del dit, ref_kv               # with offload the DiT is freed before the VAE loads (not held through it)
         if timings is not None:
             timings["dit"] += timings.pop("dit_adaln", 0.0)
@@ -481,7 +485,7 @@ class Pipeline:
             return pixels_to_pil(vae.decode(latents))
 
     def _denoise(self, dit: DiT, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, mods, timesteps, sigmas, guidance,
-                 callback):
+                 callback, step_cache=0.0, timings=None):
         B = noise.shape[0]
         glyph, glyph_len = glyph
         ctx_c = dit.context(glyph, prior, False, grid_hw, txt_len=glyph_len)
@@ -494,14 +498,23 @@ class Pipeline:
 
         shared = self.compiled and self.offload and self.device.type == "cpu"
         forward = functools.partial(_shared_velocity(), dit) if shared else dit.velocity
+        caches = {}                       # per branch call (None: both in one batch; True / False)
+        if step_cache > 0:
+            # the cache's decision is Python control flow between the blocks: on a CPU the compiled whole-velocity
+            # graph has no branch, so the velocity runs eagerly (on an accelerator its blocks stay compiled)
+            forward = functools.partial(DiT.velocity, dit)
+            caches = {cond: StepCache(step_cache) for cond in (None, True, False)}
 
         def velocity(x: torch.Tensor, i: int, cond: bool | None) -> torch.Tensor:
             mod = type(mods)([m[i:i + 1] for m in mods.blocks], mods.out[i:i + 1])
             ctx = ctx_cfg if cond is None else ctx_c if cond else ctx_u
-            return forward(x, ctx, mod=mod).float()
+            return forward(x, ctx, mod=mod, cache=caches.get(cond)).float()
 
-        return denoise(velocity, noise.to(self.device), timesteps, sigmas, guidance, callback=callback,
-                       batch_cfg=batch_cfg)
+        x = denoise(velocity, noise.to(self.device), timesteps, sigmas, guidance, callback=callback,
+                    batch_cfg=batch_cfg)
+        if timings is not None and caches:
+            timings["dit_steps_cached"] = max(c.skipped for c in caches.values())
+        return x
 
     def upsample_ids(self, grid: torch.Tensor) -> torch.Tensor:
         """AR grid [B, th, tw] -> DiT grid ids [B, N] by nearest upsampling (official: 2x)."""

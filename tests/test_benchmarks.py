@@ -32,3 +32,12 @@ def test_gpu_probe_dry_run(tmp_path):
     assert set(steps) == {"batched_split", "batched_masked", "two_calls", "batched_split_compiled"}
     assert report["dit_split_vs_masked_max_abs"] < 0.05                  # bf16: the same step up to rounding
     assert set(report["lora64_step"]) == {"recompute", "plain"}
+
+
+def test_step_cache_script(debug_ckpt, tmp_path):
+    out = tmp_path / "cache.json"
+    _run("step_cache.py", "--model", str(debug_ckpt), "--size", "64", "--steps", "6", "--n", "2", "--repeat", "1",
+         "--thresholds", "0.9", "--out", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert results["0.0"]["steps_cached"] == 0 and results["0.0"]["max_abs"] == 0      # the exact pipeline
+    assert 0 < results["0.9"]["steps_cached"] < 6 and results["0.9"]["max_abs"] > 0

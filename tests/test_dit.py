@@ -153,6 +153,32 @@ def test_batched_cfg_equals_each_branch_alone(pair):
 
 
 @torch.no_grad()
+def test_step_cache_skips_exactly_the_blocks_after_the_first(pair):
+    """StepCache: threshold 0 never skips (the uncached velocity, bit for bit); a skipped step is the first block
+    plus the other blocks' residual of the last full step (so the same input gives the same velocity again), and
+    the drift is measured against that full step, not the previous one."""
+    from glmimage.dit import StepCache
+    _, ours = pair
+    x, glyph, ids, t, size, crop = inputs(B=2, H=8, W=8, T=3, seed=6)
+    ctx, vec = ours.context(glyph, ids, False, (4, 4)), ours.embed_vec(t, size, crop)
+    plain = ours.velocity(x, ctx, vec)
+    off = StepCache(0.0)
+    assert all(torch.equal(ours.velocity(x, ctx, vec, cache=off), plain) for _ in range(2)) and off.skipped == 0
+    cache = StepCache(0.5)
+    first = ours.velocity(x, ctx, vec, cache=cache)
+    assert torch.equal(first, plain) and cache.skipped == 0          # nothing to reuse yet: a full step
+    stored = cache.first
+    again = ours.velocity(x, ctx, vec, cache=cache)                  # same first-block output: skipped
+    assert cache.skipped == 1 and (again - plain).abs().max() <= 1e-5 and cache.first is stored
+    other = inputs(B=2, H=8, W=8, T=3, seed=7)[0]
+    far = ours.velocity(other, ctx, vec, cache=cache)                # moved too far: every block runs again
+    assert cache.skipped == 1 and torch.equal(far, ours.velocity(other, ctx, vec)) and cache.first is not stored
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="step-cache threshold"):
+            StepCache(bad)
+
+
+@torch.no_grad()
 def test_dit_image_to_image_kv(pair):
     ref, ours = pair
     g = torch.Generator().manual_seed(4)

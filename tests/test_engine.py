@@ -239,6 +239,26 @@ def test_offload_loads_the_dit_in_two_disjoint_parts(debug_ckpt, pipe):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_step_cache_in_the_pipeline(pipe):
+    """step_cache: 0 is the exact pipeline; a threshold skips steps (counted in timings), stays deterministic and
+    close to the exact image, for t2i (one batched CFG forward) and edits (two branch calls); a bad threshold fails
+    before any work."""
+    exact = pipe(PROMPT, height=64, width=64, num_inference_steps=8, seed=5)[0]
+    for image in (None, exact):
+        timings = {}
+        args = dict(height=64, width=64, image=image, num_inference_steps=8, seed=5)
+        base = pipe(PROMPT, **args)[0]
+        a = pipe(PROMPT, **args, step_cache=0.9, timings=timings)[0]
+        assert 0 < timings["dit_steps_cached"] < 8
+        assert np.array_equal(np.asarray(a), np.asarray(pipe(PROMPT, **args, step_cache=0.9)[0]))
+        assert not np.array_equal(np.asarray(a), np.asarray(base))
+        assert np.abs(np.asarray(a, dtype=float) - np.asarray(base, dtype=float)).mean() < 40
+    assert np.array_equal(np.asarray(pipe(PROMPT, height=64, width=64, num_inference_steps=8, seed=5,
+                                          step_cache=0.0)[0]), np.asarray(exact))
+    with pytest.raises(ValueError, match="step-cache threshold"):
+        pipe(PROMPT, height=64, width=64, num_inference_steps=2, step_cache=2.0, prior_token_ids=None)
+
+
 def test_preview_arrives_before_the_image_and_timings(pipe):
     seen, timings = [], {}
     out = pipe(PROMPT, height=64, width=96, num_inference_steps=2, seed=1, timings=timings,

@@ -32,7 +32,8 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = False, vae_roundtrip: bool = False):
+def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = False, vae_roundtrip: bool = False,
+         step_cache: float = 0.0):
     from glmimage.eval_scenes import ground_truth_generate_fn
     from glmimage.pipeline import Pipeline
     from glmimage.vae import pil_to_pixels, pixels_to_pil
@@ -47,11 +48,11 @@ def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = F
                                                                                 size, size))))[0]
         prior = pipe.encode_references([render_truth(prompt, seed)])[0] if oracle_tokens else None
         return pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                    prior_token_ids=prior)[0]
+                    prior_token_ids=prior, step_cache=step_cache)[0]
 
     def edit(instruction: str, source: Image.Image, seed: int) -> Image.Image:
         return pipe(instruction, height=size, width=size, image=source, num_inference_steps=steps,
-                    guidance_scale=guidance, seed=seed)[0]
+                    guidance_scale=guidance, seed=seed, step_cache=step_cache)[0]
 
     return pipe, generate, edit, size
 
@@ -73,6 +74,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--step-cache", type=float, default=0.0, help="the pipeline's step_cache threshold (0 = off)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--grid", default=None, help="also write a sample grid PNG here")
     ap.add_argument("--threads", type=int, default=None)
@@ -84,7 +86,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from glmimage.eval_scenes import evaluate
-    pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens, args.vae_roundtrip)
+    pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens, args.vae_roundtrip,
+                                      args.step_cache)
     t = time.perf_counter()
     generate(SAMPLE_PROMPTS[0], 0)
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
