@@ -391,6 +391,44 @@ def test_ema_resumes_exactly_and_is_what_later_stages_use(runs, tmp_path):
     assert all(torch.equal(exported[k], weights[k]) for k in weights)
 
 
+def test_held_out_loss_is_logged_and_changes_no_step(runs, tmp_path):
+    """--val N: the held-out loss is logged every --val-every steps and at the end of each part, resumes exactly,
+    and the training losses are the uninterrupted run's without it."""
+    full, logs = runs
+    preset = get_preset("debug")
+    for run in ("a", "b"):
+        for d in ("vae", "vae_decoder", "tokenizer"):
+            shutil.copytree(full / d, tmp_path / run / d)
+    for name, stage in (("decoder", decoder.train), ("ar", ar.train)):
+        log = stage(preset, tmp_path / "a", steps=STEPS, progress=False, val=4, val_every=2)
+        assert [r["loss"] for r in log] == [r["loss"] for r in logs[name][0]], name
+        vals = {r["step"]: r["val_loss"] for r in log if "val_loss" in r}
+        assert set(vals) == {1, 3} and all(0 < v < 100 for v in vals.values()), (name, vals)
+        stage(preset, tmp_path / "b", steps=STEPS, progress=False, val=4, val_every=2, stop_at=1)
+        parts = stage(preset, tmp_path / "b", steps=STEPS, progress=False, val=4, val_every=2, resume=True)
+        again = {r["step"]: r["val_loss"] for r in parts if "val_loss" in r}
+        assert set(again) == {0, 1, 3} and {k: again[k] for k in (1, 3)} == vals, name   # a part's end: step 0
+    assert (tmp_path / "a" / "decoder" / "val_cache.pt").exists()
+
+
+def test_held_out_real_images(finetunes, tmp_path, capsys):
+    """On real data --val takes held-out images from --val-data (at most N, each once); without it, refused."""
+    from glmimage.train.__main__ import main
+    _, _, folder, preset, _ = finetunes
+    for stage in (decoder.train, ar.train):
+        log = stage(preset, tmp_path / "run", data=str(folder), steps=2, progress=False, val=100,
+                    val_data=str(folder))
+        assert [r["step"] for r in log if "val_loss" in r] == [1]
+        with pytest.raises(ValueError, match="needs --val-data"):
+            stage(preset, tmp_path / "other", data=str(folder), steps=1, progress=False, val=4)
+    assert len(torch.load(tmp_path / "run" / "decoder" / "val_cache.pt", weights_only=False)["text"]) == 8
+    for bad, message in ((["--val", "0"], "--val is a number"), (["--val-every", "2"], "go with --val N"),
+                         (["--val", "4", "--val-every", "0"], "--val-every must be")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "decoder", "--preset", "debug", "--out", str(tmp_path / "x"), "--steps", "1", *bad])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_recompute_gives_the_same_losses(runs, tmp_path):
     """Activation checkpointing recomputes each block's forward in the backward pass: the same losses, exactly."""
     full, logs = runs

@@ -69,6 +69,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="ar and decoder on real images: aspect-ratio buckets up to R:1 (e.g. 2) of about the training "
                         "size's area, sides multiples of the AR token, each image fitted to the bucket nearest its "
                         "shape instead of cropped to the square (a decoder batch holds one bucket)")
+    p.add_argument("--val", type=int, default=None, metavar="N",
+                   help="ar and decoder: log the loss of N held-out examples as val_loss (fresh synthetic scenes, or "
+                        "--val-data) every --val-every steps (default: the checkpoint interval)")
+    p.add_argument("--val-data", default=None, metavar="PATH",
+                   help="with --val: held-out images (a folder or tar shards) that no step trains on")
+    p.add_argument("--val-every", type=int, default=None, metavar="K", help="with --val: the interval in steps")
     p.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="with --init: train rank-RANK LoRA adapters on the frozen model's blocks instead of every "
                         "weight (checkpoints hold the adapters; export merges them)")
@@ -133,8 +139,16 @@ def run_train(args) -> None:
         kwargs["cache_size"] = args.cache
     if args.buckets is not None and args.data == "synthetic":
         raise ValueError("--buckets is for real images (a folder or tar shards): synthetic scenes are square")
+    if (args.val_data is not None or args.val_every is not None) and args.val is None:
+        raise ValueError("--val-data and --val-every go with --val N (the number of held-out examples)")
+    if args.val is not None and args.val < 1:
+        raise ValueError(f"--val is a number of held-out examples, got {args.val}")
+    if args.val_every is not None and args.val_every < 1:
+        raise ValueError(f"--val-every must be a positive number of steps, got {args.val_every}")
     for flag, name, value in (("--lora", "lora", args.lora), ("--recompute", "recompute", args.recompute or None),
-                              ("--compile", "compile", args.compile or None), ("--buckets", "buckets", args.buckets)):
+                              ("--compile", "compile", args.compile or None), ("--buckets", "buckets", args.buckets),
+                              ("--val", "val", args.val), ("--val-data", "val_data", args.val_data),
+                              ("--val-every", "val_every", args.val_every)):
         if value is not None:
             if args.stage not in ("ar", "decoder"):
                 raise ValueError(f"{flag} applies to the ar and decoder stages, not {args.stage}")

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from glmimage.ar import ARConfig, ARModel, sample_positions
 from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
-from glmimage.train.common import (Runtime, checkpoint_path, finetune_identity, load_stage, train_loop,
+from glmimage.train.common import (Runtime, Validation, checkpoint_path, finetune_identity, load_stage, train_loop,
                                    trained_weights, wrap_blocks)
-from glmimage.train.data import bucket_sizes, make_source
+from glmimage.train.data import bucket_sizes, held_out, make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
@@ -175,13 +175,16 @@ def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: 
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
           object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None,
-          recompute: bool = False, compile: bool = False, buckets: float | None = None) -> list[dict]:
+          recompute: bool = False, compile: bool = False, buckets: float | None = None, val: int = 0,
+          val_data: str | None = None, val_every: int | None = None) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
     model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
     recompute: activation checkpointing per decoder layer (common.recompute). compile: each decoder layer
     torch.compile'd (common.compile_blocks). buckets: aspect-ratio buckets up to buckets:1 for real images
-    (data.bucket_sizes); a batch may mix them (its sequences are padded to the longest)."""
+    (data.bucket_sizes); a batch may mix them (its sequences are padded to the longest). val: log the loss of
+    `val` held-out examples (data.held_out; val_data for real data) every val_every steps (default: the
+    checkpoint interval) as val_loss."""
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
     identity = finetune_identity(preset, lora, buckets)
@@ -205,9 +208,18 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     source = make_source(data, seed, preset.image_size, sizes, kinds=kinds,
                          **(SCENE_KWARGS if data == "synthetic" else {}))
     code_weights = weight_of_code(preset, out, object_weight) if object_weight != 1 else None
+    validation = None
+    if val:
+        held, n_val = held_out(val, data, val_data, seed, preset.image_size, sizes, kinds=kinds,
+                               **(SCENE_KWARGS if data == "synthetic" else {}))
+        if n_val < cfg.batch:
+            raise ValueError(f"--val must hold at least one batch ({cfg.batch} examples), got {n_val}")
+        validation = Validation(n_val // cfg.batch, val_every or cfg.ckpt_every,
+                                lambda b: batch_loss(held, range(b * cfg.batch, (b + 1) * cfg.batch)))
 
-    def step_fn(step: int, gen: torch.Generator):
-        ex = [source.example(i) for i in range(step * cfg.batch, (step + 1) * cfg.batch)[rt.rows(cfg.batch)]]
+    def batch_loss(source, indices: range):
+        """This process's rows of the examples `indices` of `source`: (loss, weight, metrics)."""
+        ex = [source.example(i) for i in indices[rt.rows(cfg.batch)]]
         images = [e["image"] if e["kind"] == "t2i" else e["target"] for e in ex]
         sources = [e["source"] for e in ex if e["kind"] == "edit"]
         grids = encode_batch(vq, images + sources, preset)
@@ -220,7 +232,10 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         loss, metrics = ar_loss(model, ids, pos, targets, weights)
         return loss, weights.sum(), metrics
 
+    def step_fn(step: int, gen: torch.Generator):
+        return batch_loss(source, range(step * cfg.batch, (step + 1) * cfg.batch))
+
     return train_loop("ar", out, models, trainable, step_fn, cfg, seed, steps, resume,
-                      extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce"], progress=progress,
+                      extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce", "val_loss"], progress=progress,
                       stop_at=stop_at, rt=rt, shard_units=lambda: ([*model.decoder.layers, model], []),
-                      identity=identity)
+                      identity=identity, val=validation)

@@ -45,7 +45,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -367,13 +367,22 @@ def plot_losses(records: list[dict], path: Path, title: str, keys: list[str] | N
 StepFn = Callable[[int, torch.Generator], tuple[Tensor, Tensor | float, dict]]
 
 
+class Validation(NamedTuple):
+    """A held-out loss logged as `val_loss` every `every` steps and at the end of each part: fn(b) -> (loss, weight,
+    metrics) of this process's rows of held-out batch b (as a step_fn, with fixed randomness), for b < batches."""
+
+    batches: int
+    every: int
+    fn: Callable[[int], tuple[Tensor, Tensor | float, dict]]
+
+
 def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainable: list[nn.Parameter],
                step_fn: StepFn, cfg: StageConfig, seed: int, steps: int, resume: bool,
                extra: Callable[[], dict] | None = None, plot_keys: list[str] | None = None,
                after_step: Callable[[int, torch.Generator], None] | None = None,
                progress: bool = True, stop_at: int | None = None, rt: Runtime | None = None,
                shard_units: Callable[[], tuple[list, list]] | None = None,
-               identity: dict | None = None) -> list[dict]:
+               identity: dict | None = None, val: Validation | None = None) -> list[dict]:
     """Run steps [start, min(steps, stop_at)) of one stage (stop_at: end this part early, checkpointed, so that a
     later --resume continues the same `steps`-long schedule).
 
@@ -382,7 +391,9 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     checkpoint (trainable or frozen), by name; moved to rt.device here. extra(): more picklable state saved next to
     them (e.g. latent statistics). shard_units() -> (units, methods) for Runtime.fully_shard, when the stage can be
     sharded (rt.shard). identity: what the checkpoint's weights mean (e.g. the --init model, the LoRA rank), saved
-    with them; resuming with another identity is refused. Returns this stage's full log."""
+    with them; resuming with another identity is refused. val: a held-out loss (Validation), under no_grad, with the
+    current weights (not the moving average); it draws from no generator the steps use, so the training losses are
+    the same with or without it. Returns this stage's full log."""
     from tqdm import tqdm
 
     rt = rt or Runtime()
@@ -519,6 +530,19 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     peak_memory = getattr(getattr(torch, rt.device.type, None), "max_memory_allocated", None)
     peak_memory = peak_memory if rt.device.type != "cpu" else None
     end = steps if stop_at is None else min(steps, stop_at)
+
+    def validate() -> float:
+        """The held-out loss: sum(loss * weight) / sum(weight) over every batch, micro-batch and process."""
+        num = den = torch.zeros((), device=rt.device)
+        with torch.no_grad(), rt.autocast_context():
+            for b in range(val.batches):
+                for rt.micro in range(rt.accum):
+                    loss, weight, _ = val.fn(b)
+                    w = torch.as_tensor(weight, dtype=torch.float32).to(rt.device)
+                    num, den = num + loss.float() * w, den + w
+        rt.micro = 0
+        return float(rt.sum(num) / rt.sum(den))
+
     bar = tqdm(range(start, end), initial=start, total=steps, desc=stage, disable=not (progress and rt.main),
                mininterval=2)
     t0 = time.time()
@@ -567,6 +591,8 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                    "lr": lr, "time": round(time.time() - t0, 2)}
             if peak_memory is not None:
                 rec["peak_mem_gib"] = round(peak_memory(rt.device) / 2**30, 3)
+            if val is not None and ((step + 1) % val.every == 0 or step + 1 == end):
+                rec["val_loss"] = validate()
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}")

@@ -117,6 +117,25 @@ def make_source(data: str, seed: int, size: int, buckets: list[tuple[int, int]] 
     return FolderSource(data, size, buckets)
 
 
+VAL_SEED_OFFSET = 50_000        # synthetic held-out scenes: another stream than any training seed's
+
+
+def held_out(n: int, data: str, val_data: str | None, seed: int, size: int,
+             buckets: list[tuple[int, int]] | None = None, **kwargs):
+    """--val N: (the held-out source, how many of its examples to use). val_data: a folder or tar shards of images
+    no step trains on (each used once, at most N of them); without it, synthetic training validates on N fresh
+    scenes of another seed."""
+    if n < 1:
+        raise ValueError(f"--val is a number of held-out examples, got {n}")
+    if val_data is None:
+        if data != "synthetic":
+            raise ValueError("--val on real data needs --val-data PATH: held-out images (a folder or tar shards) "
+                             "that no step trains on")
+        return make_source("synthetic", seed + VAL_SEED_OFFSET, size, **kwargs), n
+    source = make_source(val_data, seed, size, buckets)
+    return source, min(n, len(source))
+
+
 def by_size(images: list[Image.Image]) -> dict[tuple[int, int], list[int]]:
     """Indices of the images of each (width, height), in order: the groups a batched encoder can stack."""
     groups: dict[tuple[int, int], list[int]] = {}

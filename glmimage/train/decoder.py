@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
-from glmimage.train.common import (Runtime, ShardRoot, atomic_save, finetune_identity, load_stage, train_loop,
-                                   trained_weights, wrap_blocks)
-from glmimage.train.data import bucket_sizes, by_size, make_source, to_pixels
+from glmimage.train.common import (Runtime, ShardRoot, Validation, atomic_save, finetune_identity, load_stage,
+                                   train_loop, trained_weights, wrap_blocks)
+from glmimage.train.data import VAL_SEED_OFFSET, bucket_sizes, by_size, held_out, make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
@@ -94,17 +94,18 @@ def load_vae(preset: TrainPreset, run_dir: Path):
 
 @torch.no_grad()
 def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int | None,
-                progress: bool = True, buckets: list[tuple[int, int]] | None = None) -> dict:
+                progress: bool = True, buckets: list[tuple[int, int]] | None = None, source=None) -> dict:
     """Normalised latents, upsampled prior ids, texts, pixel sizes and crops of n fixed examples (and the edit
     sources); n None: the preset's cache size (4000 unless named in CACHE_SIZE), or for a folder or shards of fewer
     images each once (their examples are deterministic, so repeats would only cost memory), but at least one batch.
-    One size: "latents" [n, C, h, w] and "ids" [n, N]; several (buckets): lists of each example's tensors."""
+    One size: "latents" [n, C, h, w] and "ids" [n, N]; several (buckets): lists of each example's tensors.
+    source: the examples' source when it is not make_source(data, seed, ...) (the held-out ones)."""
     from tqdm import tqdm
     vae, mean, std = load_vae(preset, run_dir)
     vq = load_tokenizer(preset, run_dir)
     kinds = ("t2i", "t2i", "t2i", "edit") if data == "synthetic" else ("t2i",)
-    source = make_source(data, seed, preset.image_size, buckets, kinds=kinds,
-                         **(SCENE_KWARGS if data == "synthetic" else {}))
+    source = source or make_source(data, seed, preset.image_size, buckets, kinds=kinds,
+                                   **(SCENE_KWARGS if data == "synthetic" else {}))
     if n is None:
         n = CACHE_SIZE.get(preset.name, 4000)
         if data != "synthetic":
@@ -237,13 +238,16 @@ def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int]
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
           rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None,
-          recompute: bool = False, compile: bool = False, buckets: float | None = None) -> list[dict]:
+          recompute: bool = False, compile: bool = False, buckets: float | None = None, val: int = 0,
+          val_data: str | None = None, val_every: int | None = None) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
     cache_size: examples whose latents and ids are cached (default: build_cache's).
     lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
     weight. recompute: activation checkpointing per DiT block (common.recompute). compile: each DiT block
     torch.compile'd (common.compile_blocks). buckets: aspect-ratio buckets up to buckets:1 for real images
-    (data.bucket_sizes); each batch holds one bucket (epoch_batches)."""
+    (data.bucket_sizes); each batch holds one bucket (epoch_batches). val: log the loss of `val` held-out examples
+    (data.held_out; val_data for real data; cached in DIR/decoder/val_cache.pt) every val_every steps (default: the
+    checkpoint interval) as val_loss, each at fixed noise and times."""
     from glmimage.train.ar import check_object_weight, weight_of_code
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
@@ -283,6 +287,12 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         code_weights = weight_of_code(preset, out, object_weight).to(rt.device)
 
     root = ShardRoot(dit)               # the loss calls the DiT's parts one by one: one forward around them all
+    validation = None
+    if val:
+        validation = held_out_loss(preset, out, data, val_data, val, val_every or cfg.ckpt_every, seed, sizes, rt,
+                                   progress, lambda vcache, idx, gen: root(lambda: velocity_loss(
+                                       dit, glyph, vcache, idx, gen, preset.image_size, code_weights,
+                                       rt.rows(cfg.batch), every_call=rt.shard)))
 
     def step_fn(step: int, gen: torch.Generator):
         epoch, k = divmod(step, per_epoch)
@@ -294,8 +304,35 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
                                           rt.rows(cfg.batch), every_call=rt.shard))
 
     return train_loop("decoder", out, models, trainable, step_fn, cfg, seed, steps, resume,
-                      plot_keys=["loss", "mse"], progress=progress, stop_at=stop_at, rt=rt,
-                      shard_units=lambda: shard_units(root), identity=identity)
+                      plot_keys=["loss", "mse", "val_loss"], progress=progress, stop_at=stop_at, rt=rt,
+                      shard_units=lambda: shard_units(root), identity=identity, val=validation)
+
+
+def held_out_loss(preset: TrainPreset, out: Path, data: str, val_data: str | None, n: int, every: int, seed: int,
+                  sizes, rt: Runtime, progress: bool, loss_fn) -> Validation:
+    """The decoder's Validation: n held-out examples (data.held_out) cached like the training ones (val_cache.pt,
+    built again when --val or --val-data changes), in whole batches of one size; batch b draws its noise, times
+    and dropped conditions from a generator seeded by b alone, so every evaluation sees the same ones."""
+    cfg = preset.stages["decoder"]
+    path = Path(out) / "decoder" / "val_cache.pt"
+    key = {"n": n, "val_data": val_data, "buckets": sizes}
+    if rt.main:
+        cache = torch.load(path, weights_only=False) if path.exists() else None
+        if cache is None or cache.get("key") != key:
+            kinds = ("t2i", "t2i", "t2i", "edit") if val_data is None else ("t2i",)
+            source, count = held_out(n, data, val_data, seed, preset.image_size, sizes, kinds=kinds,
+                                     **(SCENE_KWARGS if val_data is None else {}))
+            cache = build_cache(preset, out, data, seed, count, progress, sizes, source=source)
+            cache["key"] = key
+            atomic_save(cache, path)
+    rt.barrier()
+    cache = torch.load(path, weights_only=False)
+    batches = epoch_batches(cache.get("size"), len(cache["text"]), cfg.batch, VAL_SEED_OFFSET, 0)
+    if not batches:
+        raise ValueError(f"--val must hold at least one batch of {cfg.batch} examples of one size, got "
+                         f"{len(cache['text'])}")
+    return Validation(len(batches), every,
+                      lambda b: loss_fn(cache, batches[b], torch.Generator().manual_seed(VAL_SEED_OFFSET + b)))
 
 
 def shard_units(root: ShardRoot) -> tuple[list[nn.Module], list[tuple[nn.Module, str]]]:
