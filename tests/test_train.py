@@ -366,6 +366,21 @@ def test_every_stage_trains_on_real_data(tmp_path):
         make_source(str(empty), 0, 64)
 
 
+def test_prefetch_reads_the_same_examples(tmp_path):
+    """Reading ahead in threads (tar shards: one open file per thread) returns exactly the examples read in turn."""
+    from glmimage.train.data import Prefetch, make_source
+    folder, shard = _write_real_data(tmp_path)
+    for data in (str(folder), str(shard)):
+        plain, fetch = make_source(data, 0, 64), Prefetch(make_source(data, 0, 64), workers=3)
+        fetch.ahead(range(4, 20))
+        got = fetch.get(range(20))
+        assert fetch.pool is not None and not fetch.pending
+        for i, e in enumerate(got):
+            want = plain.example(i)
+            assert (e["caption"], e["image"].tobytes()) == (want["caption"], want["image"].tobytes())
+    assert Prefetch(make_source("synthetic", 0, 64)).pool is None      # drawn in Python: read in the step
+
+
 def test_ema_resumes_exactly_and_is_what_later_stages_use(runs, tmp_path):
     """--ema: the moving average is checkpointed (a stopped and resumed run ends with the same average as an
     uninterrupted one), differs from the trained weights, and is what export and later stages load."""

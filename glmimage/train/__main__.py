@@ -75,6 +75,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", default=None, metavar="PATH",
                    help="with --val: held-out images (a folder or tar shards) that no step trains on")
     p.add_argument("--val-every", type=int, default=None, metavar="K", help="with --val: the interval in steps")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="ar and decoder on real images: threads reading the next batch's images while a step runs "
+                        "(default 4; 0: read in the step)")
     p.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="with --init: train rank-RANK LoRA adapters on the frozen model's blocks instead of every "
                         "weight (checkpoints hold the adapters; export merges them)")
@@ -141,6 +144,8 @@ def run_train(args) -> None:
         raise ValueError("--buckets is for real images (a folder or tar shards): synthetic scenes are square")
     if (args.val_data is not None or args.val_every is not None) and args.val is None:
         raise ValueError("--val-data and --val-every go with --val N (the number of held-out examples)")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers is a number of reading threads (0: none), got {args.workers}")
     if args.val is not None and args.val < 1:
         raise ValueError(f"--val is a number of held-out examples, got {args.val}")
     if args.val_every is not None and args.val_every < 1:
@@ -148,7 +153,7 @@ def run_train(args) -> None:
     for flag, name, value in (("--lora", "lora", args.lora), ("--recompute", "recompute", args.recompute or None),
                               ("--compile", "compile", args.compile or None), ("--buckets", "buckets", args.buckets),
                               ("--val", "val", args.val), ("--val-data", "val_data", args.val_data),
-                              ("--val-every", "val_every", args.val_every)):
+                              ("--val-every", "val_every", args.val_every), ("--workers", "workers", args.workers)):
         if value is not None:
             if args.stage not in ("ar", "decoder"):
                 raise ValueError(f"{flag} applies to the ar and decoder stages, not {args.stage}")

@@ -26,7 +26,7 @@ from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
 from glmimage.train.common import (Runtime, Validation, checkpoint_path, finetune_identity, load_stage, train_loop,
                                    trained_weights, wrap_blocks)
-from glmimage.train.data import bucket_sizes, held_out, make_source
+from glmimage.train.data import Prefetch, bucket_sizes, held_out, make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
@@ -176,7 +176,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
           object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None,
           recompute: bool = False, compile: bool = False, buckets: float | None = None, val: int = 0,
-          val_data: str | None = None, val_every: int | None = None) -> list[dict]:
+          val_data: str | None = None, val_every: int | None = None, workers: int = 4) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
     model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
@@ -184,7 +184,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     torch.compile'd (common.compile_blocks). buckets: aspect-ratio buckets up to buckets:1 for real images
     (data.bucket_sizes); a batch may mix them (its sequences are padded to the longest). val: log the loss of
     `val` held-out examples (data.held_out; val_data for real data) every val_every steps (default: the
-    checkpoint interval) as val_loss."""
+    checkpoint interval) as val_loss. workers: threads reading real images ahead of the steps (data.Prefetch; 0:
+    read in the step)."""
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
     identity = finetune_identity(preset, lora, buckets)
@@ -205,8 +206,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     model = build_ar(preset, text_vocab_size(tok, preset), seed)
     models, trainable = wrap_blocks("ar", model, model.decoder.layers, rt, seed, lora, recompute, compile)
     kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
-    source = make_source(data, seed, preset.image_size, sizes, kinds=kinds,
-                         **(SCENE_KWARGS if data == "synthetic" else {}))
+    source = Prefetch(make_source(data, seed, preset.image_size, sizes, kinds=kinds,
+                                  **(SCENE_KWARGS if data == "synthetic" else {})), workers)
     code_weights = weight_of_code(preset, out, object_weight) if object_weight != 1 else None
     validation = None
     if val:
@@ -214,12 +215,16 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
                                **(SCENE_KWARGS if data == "synthetic" else {}))
         if n_val < cfg.batch:
             raise ValueError(f"--val must hold at least one batch ({cfg.batch} examples), got {n_val}")
+        held = Prefetch(held, workers)
         validation = Validation(n_val // cfg.batch, val_every or cfg.ckpt_every,
                                 lambda b: batch_loss(held, range(b * cfg.batch, (b + 1) * cfg.batch)))
 
-    def batch_loss(source, indices: range):
-        """This process's rows of the examples `indices` of `source`: (loss, weight, metrics)."""
-        ex = [source.example(i) for i in indices[rt.rows(cfg.batch)]]
+    def batch_loss(source: Prefetch, indices: range, ahead: range | None = None):
+        """This process's rows of the examples `indices` of `source`: (loss, weight, metrics). ahead: the next
+        batch's indices, read while this one runs."""
+        ex = source.get(indices[rt.rows(cfg.batch)])
+        if ahead is not None:
+            source.ahead(ahead[rt.rows(cfg.batch)])
         images = [e["image"] if e["kind"] == "t2i" else e["target"] for e in ex]
         sources = [e["source"] for e in ex if e["kind"] == "edit"]
         grids = encode_batch(vq, images + sources, preset)
@@ -233,9 +238,11 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         return loss, weights.sum(), metrics
 
     def step_fn(step: int, gen: torch.Generator):
-        return batch_loss(source, range(step * cfg.batch, (step + 1) * cfg.batch))
+        B = cfg.batch
+        return batch_loss(source, range(step * B, (step + 1) * B), ahead=range((step + 1) * B, (step + 2) * B))
 
     return train_loop("ar", out, models, trainable, step_fn, cfg, seed, steps, resume,
-                      extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce", "val_loss"], progress=progress,
+                      extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce", "val_loss"],
+                      progress=progress,
                       stop_at=stop_at, rt=rt, shard_units=lambda: ([*model.decoder.layers, model], []),
                       identity=identity, val=validation)

@@ -10,6 +10,7 @@ wide. Their examples carry "crop": (top, left) of the cut, the decoder's crop co
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,8 @@ class ShardSource:
         import tarfile
 
         from glmimage.data.folder import CAPTION_EXTS, IMAGE_EXTS, expand_shards
-        self.size, self.buckets, self.tars, self.items = size, buckets, {}, []
+        self.size, self.buckets, self.items = size, buckets, []
+        self.local = threading.local()          # each reading thread its own open tar files (Prefetch)
         for shard in expand_shards(pattern):
             groups: dict[str, dict] = {}
             with tarfile.open(shard) as tar:
@@ -89,9 +91,10 @@ class ShardSource:
 
         from glmimage.data.folder import load_rgb
         shard, key, image_member, caption_member = self.items[i % len(self.items)]
-        if shard not in self.tars:
-            self.tars[shard] = tarfile.open(shard)
-        tar = self.tars[shard]
+        tars = self.local.__dict__.setdefault("tars", {})
+        if shard not in tars:
+            tars[shard] = tarfile.open(shard)
+        tar = tars[shard]
         with Image.open(io.BytesIO(tar.extractfile(image_member).read())) as im:
             image, crop = fit_image(load_rgb(im), self.size, self.buckets)
         caption = tar.extractfile(caption_member).read().decode("utf-8").strip()
@@ -115,6 +118,31 @@ def make_source(data: str, seed: int, size: int, buckets: list[tuple[int, int]] 
     if ".tar" in Path(data).name:
         return ShardSource(data, size, buckets)
     return FolderSource(data, size, buckets)
+
+
+class Prefetch:
+    """Examples of a real-image source read ahead in background threads (file reads, decoding and resizing release
+    the GIL), so that a step's images are ready when it starts. Example i depends only on i, so reading ahead
+    changes no number. Synthetic scenes are drawn in Python (the GIL): they are read in the step, as without it."""
+
+    def __init__(self, source, workers: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+        self.source = source
+        threaded = workers > 0 and not isinstance(source, SyntheticSource)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch") if threaded else None
+        self.pending: dict = {}                 # index -> Future
+
+    def ahead(self, indices) -> None:
+        """Start reading these examples (a later step's)."""
+        if self.pool is not None:
+            for i in indices:
+                if i not in self.pending:
+                    self.pending[i] = self.pool.submit(self.source.example, i)
+
+    def get(self, indices) -> list[dict]:
+        """These examples, read ahead or now."""
+        return [f.result() if (f := self.pending.pop(i, None)) is not None else self.source.example(i)
+                for i in indices]
 
 
 VAL_SEED_OFFSET = 50_000        # synthetic held-out scenes: another stream than any training seed's

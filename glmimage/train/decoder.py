@@ -40,7 +40,7 @@ from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
 from glmimage.train.common import (Runtime, ShardRoot, Validation, atomic_save, finetune_identity, load_stage,
                                    train_loop, trained_weights, wrap_blocks)
-from glmimage.train.data import VAL_SEED_OFFSET, bucket_sizes, by_size, held_out, make_source, to_pixels
+from glmimage.train.data import VAL_SEED_OFFSET, Prefetch, bucket_sizes, by_size, held_out, make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
@@ -94,7 +94,8 @@ def load_vae(preset: TrainPreset, run_dir: Path):
 
 @torch.no_grad()
 def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int | None,
-                progress: bool = True, buckets: list[tuple[int, int]] | None = None, source=None) -> dict:
+                progress: bool = True, buckets: list[tuple[int, int]] | None = None, source=None,
+                workers: int = 4) -> dict:
     """Normalised latents, upsampled prior ids, texts, pixel sizes and crops of n fixed examples (and the edit
     sources); n None: the preset's cache size (4000 unless named in CACHE_SIZE), or for a folder or shards of fewer
     images each once (their examples are deterministic, so repeats would only cost memory), but at least one batch.
@@ -106,6 +107,7 @@ def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int
     kinds = ("t2i", "t2i", "t2i", "edit") if data == "synthetic" else ("t2i",)
     source = source or make_source(data, seed, preset.image_size, buckets, kinds=kinds,
                                    **(SCENE_KWARGS if data == "synthetic" else {}))
+    fetch = Prefetch(source, workers)
     if n is None:
         n = CACHE_SIZE.get(preset.name, 4000)
         if data != "synthetic":
@@ -125,7 +127,8 @@ def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int
     cache = {"latents": [], "ids": [], "text": [], "size": [], "crop": [], "src_latents": {}, "src_ids": {}}
     B = 16
     for i in tqdm(range(0, n, B), desc="decoder cache", disable=not progress):
-        ex = [source.example(j) for j in range(i, min(n, i + B))]
+        ex = fetch.get(range(i, min(n, i + B)))
+        fetch.ahead(range(i + B, min(n, i + 2 * B)))
         images = [e["image"] if e["kind"] == "t2i" else e["target"] for e in ex]
         for z, ids in encode(images):
             cache["latents"].append(z), cache["ids"].append(ids)
@@ -239,7 +242,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
           seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
           rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None,
           recompute: bool = False, compile: bool = False, buckets: float | None = None, val: int = 0,
-          val_data: str | None = None, val_every: int | None = None) -> list[dict]:
+          val_data: str | None = None, val_every: int | None = None, workers: int = 4) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
     cache_size: examples whose latents and ids are cached (default: build_cache's).
     lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
@@ -247,7 +250,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     torch.compile'd (common.compile_blocks). buckets: aspect-ratio buckets up to buckets:1 for real images
     (data.bucket_sizes); each batch holds one bucket (epoch_batches). val: log the loss of `val` held-out examples
     (data.held_out; val_data for real data; cached in DIR/decoder/val_cache.pt) every val_every steps (default: the
-    checkpoint interval) as val_loss, each at fixed noise and times."""
+    checkpoint interval) as val_loss, each at fixed noise and times. workers: threads reading real images ahead
+    while the cache is built (data.Prefetch; 0: in turn)."""
     from glmimage.train.ar import check_object_weight, weight_of_code
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
@@ -259,7 +263,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         raise ValueError(f"--cache must hold at least one batch ({cfg.batch} examples), got {cache_size}")
     cache_path = Path(out) / "decoder" / "cache.pt"
     if not cache_path.exists() and rt.main:          # one process builds the cache, the others read it
-        atomic_save(build_cache(preset, out, data, seed, cache_size, progress, sizes), cache_path)
+        atomic_save(build_cache(preset, out, data, seed, cache_size, progress, sizes, workers=workers), cache_path)
     rt.barrier()
     cache = torch.load(cache_path, weights_only=False)
     n = len(cache["text"])
@@ -290,7 +294,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     validation = None
     if val:
         validation = held_out_loss(preset, out, data, val_data, val, val_every or cfg.ckpt_every, seed, sizes, rt,
-                                   progress, lambda vcache, idx, gen: root(lambda: velocity_loss(
+                                   progress, workers, lambda vcache, idx, gen: root(lambda: velocity_loss(
                                        dit, glyph, vcache, idx, gen, preset.image_size, code_weights,
                                        rt.rows(cfg.batch), every_call=rt.shard)))
 
@@ -309,7 +313,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
 
 
 def held_out_loss(preset: TrainPreset, out: Path, data: str, val_data: str | None, n: int, every: int, seed: int,
-                  sizes, rt: Runtime, progress: bool, loss_fn) -> Validation:
+                  sizes, rt: Runtime, progress: bool, workers: int, loss_fn) -> Validation:
     """The decoder's Validation: n held-out examples (data.held_out) cached like the training ones (val_cache.pt,
     built again when --val or --val-data changes), in whole batches of one size; batch b draws its noise, times
     and dropped conditions from a generator seeded by b alone, so every evaluation sees the same ones."""
@@ -322,7 +326,7 @@ def held_out_loss(preset: TrainPreset, out: Path, data: str, val_data: str | Non
             kinds = ("t2i", "t2i", "t2i", "edit") if val_data is None else ("t2i",)
             source, count = held_out(n, data, val_data, seed, preset.image_size, sizes, kinds=kinds,
                                      **(SCENE_KWARGS if val_data is None else {}))
-            cache = build_cache(preset, out, data, seed, count, progress, sizes, source=source)
+            cache = build_cache(preset, out, data, seed, count, progress, sizes, source=source, workers=workers)
             cache["key"] = key
             atomic_save(cache, path)
     rt.barrier()
