@@ -129,12 +129,14 @@ def test_cuda_graph_decode_matches_eager_on_cuda(debug_ckpt):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_pipeline_matches_eager_on_cuda(debug_ckpt):
     """On a GPU, compile(): the decode step compiled inside its CUDA graph and every DiT block compiled give the
-    eager pipeline's tokens and image (fp32), for text-to-image (batched CFG, text padding left out per branch)."""
+    eager pipeline's tokens and image (fp32), for text-to-image (batched CFG, text padding left out per branch),
+    with every stage resident and with offload (stages placed from pinned host memory for each image)."""
     eager, fast = (Pipeline.from_pretrained(debug_ckpt, device="cuda") for _ in range(2))
     fast.compile()
+    fast_offload = Pipeline.from_pretrained(debug_ckpt, device="cuda", offload=True).compile()
     kw = dict(height=64, width=96, num_inference_steps=3, seed=1)
     runs = []
-    for p in (eager, fast, fast):                                       # the second fast run: graphs reused
+    for p in (eager, fast, fast, fast_offload, fast_offload):          # each second run: graphs reused
         timings: dict = {}
         runs.append((np.asarray(p(PROMPT, timings=timings, **kw)[0], dtype=int), timings["grid"]))
     for image, grid in runs[1:]:
