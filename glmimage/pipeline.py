@@ -119,6 +119,40 @@ def _shared_velocity() -> Callable:
     return torch.compile(DiT.velocity, dynamic=False)
 
 
+def sample_latents(dit: DiT, noise: torch.Tensor, glyph: torch.Tensor, glyph_len: torch.Tensor | None,
+                   glyph_neg: torch.Tensor, prior: torch.Tensor, grid_hw: tuple[int, int], mods, timesteps, sigmas,
+                   guidance: float, ref_kv=None, callback=None, step_cache: float = 0.0,
+                   forward: Callable | None = None) -> tuple[torch.Tensor, int]:
+    """Flow matching from noise [B, C, h, w] to fp32 latents with the DiT: glyph [B, T, Dt] (glyph_len [B]) and the
+    prior ids [B, N] condition the first branch, glyph_neg and the dropped prior the CFG one (guidance > 1); mods
+    every step's StepModulation ([steps, ...], DiT.modulation); ref_kv an edit's reference prefix (the conditional
+    branch only; t2i runs both branches as one batch). step_cache > 0: dit.StepCache per branch call. forward: the
+    velocity to call (default dit.velocity; a compiled form). Returns (latents, steps skipped by the cache)."""
+    B = noise.shape[0]
+    ctx_c = dit.context(glyph, prior, False, grid_hw, txt_len=glyph_len)
+    ctx_u = dit.context(glyph_neg, prior, True, grid_hw) if guidance > 1 else None
+    if ref_kv is not None:                # conditional branch only; prefix preallocated, tail written per step
+        num_new = ctx_c.txt.shape[1] + grid_hw[0] * grid_hw[1]
+        ctx_c = ctx_c._replace(ref_kv=dit.prefix_buffers(ref_kv, B, num_new))
+    batch_cfg = ctx_u is not None and ref_kv is None          # t2i: both branches in one forward
+    ctx_cfg = dit.batch_cfg(ctx_c, ctx_u) if batch_cfg else None
+    forward = forward or dit.velocity
+    caches = {}                           # per branch call (None: both in one batch; True / False)
+    if step_cache > 0:
+        # the cache's decision is Python control flow between the blocks: on a CPU the compiled whole-velocity
+        # graph has no branch, so the velocity runs eagerly (on an accelerator its blocks stay compiled)
+        forward = functools.partial(DiT.velocity, dit)
+        caches = {cond: StepCache(step_cache) for cond in (None, True, False)}
+
+    def velocity(x: torch.Tensor, i: int, cond: bool | None) -> torch.Tensor:
+        mod = type(mods)([m[i:i + 1] for m in mods.blocks], mods.out[i:i + 1])
+        ctx = ctx_cfg if cond is None else ctx_c if cond else ctx_u
+        return forward(x, ctx, mod=mod, cache=caches.get(cond)).float()
+
+    x = denoise(velocity, noise, timesteps, sigmas, guidance, callback=callback, batch_cfg=batch_cfg)
+    return x, max((c.skipped for c in caches.values()), default=0)
+
+
 class Pipeline:
     """The stages of GLM-Image over one checkpoint folder. Components load on first use.
 
@@ -486,34 +520,12 @@ class Pipeline:
 
     def _denoise(self, dit: DiT, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, mods, timesteps, sigmas, guidance,
                  callback, step_cache=0.0, timings=None):
-        B = noise.shape[0]
-        glyph, glyph_len = glyph
-        ctx_c = dit.context(glyph, prior, False, grid_hw, txt_len=glyph_len)
-        ctx_u = dit.context(glyph_neg, prior, True, grid_hw) if guidance > 1 else None
-        if ref_kv is not None:                # conditional branch only; prefix preallocated, tail written per step
-            num_new = ctx_c.txt.shape[1] + grid_hw[0] * grid_hw[1]
-            ctx_c = ctx_c._replace(ref_kv=dit.prefix_buffers(ref_kv, B, num_new))
-        batch_cfg = ctx_u is not None and ref_kv is None          # t2i: both branches in one forward
-        ctx_cfg = dit.batch_cfg(ctx_c, ctx_u) if batch_cfg else None
-
         shared = self.compiled and self.offload and self.device.type == "cpu"
-        forward = functools.partial(_shared_velocity(), dit) if shared else dit.velocity
-        caches = {}                       # per branch call (None: both in one batch; True / False)
-        if step_cache > 0:
-            # the cache's decision is Python control flow between the blocks: on a CPU the compiled whole-velocity
-            # graph has no branch, so the velocity runs eagerly (on an accelerator its blocks stay compiled)
-            forward = functools.partial(DiT.velocity, dit)
-            caches = {cond: StepCache(step_cache) for cond in (None, True, False)}
-
-        def velocity(x: torch.Tensor, i: int, cond: bool | None) -> torch.Tensor:
-            mod = type(mods)([m[i:i + 1] for m in mods.blocks], mods.out[i:i + 1])
-            ctx = ctx_cfg if cond is None else ctx_c if cond else ctx_u
-            return forward(x, ctx, mod=mod, cache=caches.get(cond)).float()
-
-        x = denoise(velocity, noise.to(self.device), timesteps, sigmas, guidance, callback=callback,
-                    batch_cfg=batch_cfg)
-        if timings is not None and caches:
-            timings["dit_steps_cached"] = max(c.skipped for c in caches.values())
+        x, skipped = sample_latents(dit, noise.to(self.device), *glyph, glyph_neg, prior, grid_hw, mods, timesteps,
+                                    sigmas, guidance, ref_kv, callback, step_cache,
+                                    functools.partial(_shared_velocity(), dit) if shared else dit.velocity)
+        if timings is not None and step_cache > 0:
+            timings["dit_steps_cached"] = skipped
         return x
 
     def upsample_ids(self, grid: torch.Tensor) -> torch.Tensor:

@@ -426,6 +426,32 @@ def test_held_out_loss_is_logged_and_changes_no_step(runs, tmp_path):
     assert (tmp_path / "a" / "decoder" / "val_cache.pt").exists()
 
 
+def test_decoder_samples(runs, tmp_path):
+    """--samples N: every --sample-every steps and at the end, the images drawn from their tokens (with the moving
+    average when --ema) go to samples/step_*.png (the images above, the samples below); the weights, the moving
+    average and the losses are those of the run without samples."""
+    from PIL import Image
+    full, _ = runs
+    preset = get_preset("debug")
+    preset.stages["decoder"].ema = 0.9
+    logs = {}
+    for run, kw in (("plain", {}), ("drawn", dict(samples=2, sample_every=3))):
+        for d in ("vae", "vae_decoder", "tokenizer"):
+            shutil.copytree(full / d, tmp_path / run / d)
+        logs[run] = decoder.train(preset, tmp_path / run, steps=STEPS, progress=False, **kw)
+    assert [r["loss"] for r in logs["plain"]] == [r["loss"] for r in logs["drawn"]]
+    a, b = (load_stage(tmp_path / run, "decoder") for run in ("plain", "drawn"))
+    for key in ("models", "ema"):
+        for name, sd in a[key].items():
+            assert all(torch.equal(v, b[key][name][k]) for k, v in sd.items()), (key, name)
+    drawn = sorted(p.name for p in (tmp_path / "drawn" / "decoder" / "samples").iterdir())
+    assert drawn == ["step_000003.png", "step_000004.png"]
+    with Image.open(tmp_path / "drawn" / "decoder" / "samples" / drawn[0]) as im:
+        assert im.size == (2 * 64, 2 * 64)
+        top, bottom = (im.crop((0, y, 128, y + 64)).tobytes() for y in (0, 64))
+        assert top != bottom
+
+
 def test_held_out_real_images(finetunes, tmp_path, capsys):
     """On real data --val takes held-out images from --val-data (at most N, each once); without it, refused."""
     from glmimage.train.__main__ import main
@@ -438,7 +464,9 @@ def test_held_out_real_images(finetunes, tmp_path, capsys):
             stage(preset, tmp_path / "other", data=str(folder), steps=1, progress=False, val=4)
     assert len(torch.load(tmp_path / "run" / "decoder" / "val_cache.pt", weights_only=False)["text"]) == 8
     for bad, message in ((["--val", "0"], "--val is a number"), (["--val-every", "2"], "go with --val N"),
-                         (["--val", "4", "--val-every", "0"], "--val-every must be")):
+                         (["--val", "4", "--val-every", "0"], "--val-every must be"),
+                         (["--sample-every", "2"], "goes with --samples N"), (["--samples", "0"], "must be a positive number"),
+                         (["--workers", "-1"], "reading threads")):
         with pytest.raises(SystemExit) as e:
             main(["train", "decoder", "--preset", "debug", "--out", str(tmp_path / "x"), "--steps", "1", *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -75,6 +75,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", default=None, metavar="PATH",
                    help="with --val: held-out images (a folder or tar shards) that no step trains on")
     p.add_argument("--val-every", type=int, default=None, metavar="K", help="with --val: the interval in steps")
+    p.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="decoder: draw N held-out (with --val) or training examples from their tokens and captions "
+                        "every --sample-every steps (default: the checkpoint interval) into DIR/decoder/samples/ "
+                        "(the images above, the samples below)")
+    p.add_argument("--sample-every", type=int, default=None, metavar="K", help="with --samples: the interval in steps")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="ar and decoder on real images: threads reading the next batch's images while a step runs "
                         "(default 4; 0: read in the step)")
@@ -144,16 +149,25 @@ def run_train(args) -> None:
         raise ValueError("--buckets is for real images (a folder or tar shards): synthetic scenes are square")
     if (args.val_data is not None or args.val_every is not None) and args.val is None:
         raise ValueError("--val-data and --val-every go with --val N (the number of held-out examples)")
+    if (args.samples is not None or args.sample_every is not None) and args.stage != "decoder":
+        raise ValueError(f"--samples draws images with the decoder stage, not {args.stage}")
+    if args.sample_every is not None and args.samples is None:
+        raise ValueError("--sample-every goes with --samples N")
+    for flag, value in (("--samples", args.samples), ("--sample-every", args.sample_every)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers is a number of reading threads (0: none), got {args.workers}")
     if args.val is not None and args.val < 1:
         raise ValueError(f"--val is a number of held-out examples, got {args.val}")
     if args.val_every is not None and args.val_every < 1:
         raise ValueError(f"--val-every must be a positive number of steps, got {args.val_every}")
-    for flag, name, value in (("--lora", "lora", args.lora), ("--recompute", "recompute", args.recompute or None),
-                              ("--compile", "compile", args.compile or None), ("--buckets", "buckets", args.buckets),
-                              ("--val", "val", args.val), ("--val-data", "val_data", args.val_data),
-                              ("--val-every", "val_every", args.val_every), ("--workers", "workers", args.workers)):
+    stage_flags = (("--lora", "lora", args.lora), ("--recompute", "recompute", args.recompute or None),
+                   ("--compile", "compile", args.compile or None), ("--buckets", "buckets", args.buckets),
+                   ("--val", "val", args.val), ("--val-data", "val_data", args.val_data),
+                   ("--val-every", "val_every", args.val_every), ("--workers", "workers", args.workers),
+                   ("--samples", "samples", args.samples), ("--sample-every", "sample_every", args.sample_every))
+    for flag, name, value in stage_flags:
         if value is not None:
             if args.stage not in ("ar", "decoder"):
                 raise ValueError(f"{flag} applies to the ar and decoder stages, not {args.stage}")

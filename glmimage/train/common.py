@@ -376,13 +376,22 @@ class Validation(NamedTuple):
     fn: Callable[[int], tuple[Tensor, Tensor | float, dict]]
 
 
+class Sampling(NamedTuple):
+    """Images drawn every `every` steps and at the end of each part: fn(step) draws them (every process calls it,
+    as a sharded model needs) and process 0 writes them."""
+
+    every: int
+    fn: Callable[[int], None]
+
+
 def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainable: list[nn.Parameter],
                step_fn: StepFn, cfg: StageConfig, seed: int, steps: int, resume: bool,
                extra: Callable[[], dict] | None = None, plot_keys: list[str] | None = None,
                after_step: Callable[[int, torch.Generator], None] | None = None,
                progress: bool = True, stop_at: int | None = None, rt: Runtime | None = None,
                shard_units: Callable[[], tuple[list, list]] | None = None,
-               identity: dict | None = None, val: Validation | None = None) -> list[dict]:
+               identity: dict | None = None, val: Validation | None = None,
+               sample: Sampling | None = None) -> list[dict]:
     """Run steps [start, min(steps, stop_at)) of one stage (stop_at: end this part early, checkpointed, so that a
     later --resume continues the same `steps`-long schedule).
 
@@ -391,9 +400,10 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     checkpoint (trainable or frozen), by name; moved to rt.device here. extra(): more picklable state saved next to
     them (e.g. latent statistics). shard_units() -> (units, methods) for Runtime.fully_shard, when the stage can be
     sharded (rt.shard). identity: what the checkpoint's weights mean (e.g. the --init model, the LoRA rank), saved
-    with them; resuming with another identity is refused. val: a held-out loss (Validation), under no_grad, with the
-    current weights (not the moving average); it draws from no generator the steps use, so the training losses are
-    the same with or without it. Returns this stage's full log."""
+    with them; resuming with another identity is refused. val: a held-out loss (Validation); sample: images drawn
+    (Sampling). Both run under no_grad with the moving average of the weights when there is one (what later stages
+    and export use), else the weights, and draw from no generator the steps use: the training losses are the same
+    with or without them. Returns this stage's full log."""
     from tqdm import tqdm
 
     rt = rt or Runtime()
@@ -531,10 +541,24 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     peak_memory = peak_memory if rt.device.type != "cpu" else None
     end = steps if stop_at is None else min(steps, stop_at)
 
+    @contextmanager
+    def averaged():
+        """The moving average in the trainable weights for a while (swapped in place, then back)."""
+        with torch.no_grad():
+            for p, e in zip(trainable, ema):
+                held = p.detach().clone()
+                p.copy_(e), e.copy_(held)
+            try:
+                yield
+            finally:
+                for p, e in zip(trainable, ema):
+                    held = p.detach().clone()
+                    p.copy_(e), e.copy_(held)
+
     def validate() -> float:
         """The held-out loss: sum(loss * weight) / sum(weight) over every batch, micro-batch and process."""
         num = den = torch.zeros((), device=rt.device)
-        with torch.no_grad(), rt.autocast_context():
+        with averaged(), rt.autocast_context():
             for b in range(val.batches):
                 for rt.micro in range(rt.accum):
                     loss, weight, _ = val.fn(b)
@@ -593,6 +617,9 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                 rec["peak_mem_gib"] = round(peak_memory(rt.device) / 2**30, 3)
             if val is not None and ((step + 1) % val.every == 0 or step + 1 == end):
                 rec["val_loss"] = validate()
+            if sample is not None and ((step + 1) % sample.every == 0 or step + 1 == end):
+                with averaged(), rt.autocast_context():
+                    sample.fn(step + 1)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}")

@@ -30,16 +30,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
-from glmimage.train.common import (Runtime, ShardRoot, Validation, atomic_save, finetune_identity, load_stage,
-                                   train_loop, trained_weights, wrap_blocks)
+from glmimage.train.common import (Runtime, Sampling, ShardRoot, Validation, atomic_save, finetune_identity,
+                                   load_stage, train_loop, trained_weights, wrap_blocks)
 from glmimage.train.data import VAL_SEED_OFFSET, Prefetch, bucket_sizes, by_size, held_out, make_source, to_pixels
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -242,7 +244,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
           seed: int = 0, progress: bool = True, stop_at: int | None = None, object_weight: float | None = None,
           rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None,
           recompute: bool = False, compile: bool = False, buckets: float | None = None, val: int = 0,
-          val_data: str | None = None, val_every: int | None = None, workers: int = 4) -> list[dict]:
+          val_data: str | None = None, val_every: int | None = None, workers: int = 4, samples: int = 0,
+          sample_every: int | None = None) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
     cache_size: examples whose latents and ids are cached (default: build_cache's).
     lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
@@ -251,7 +254,9 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     (data.bucket_sizes); each batch holds one bucket (epoch_batches). val: log the loss of `val` held-out examples
     (data.held_out; val_data for real data; cached in DIR/decoder/val_cache.pt) every val_every steps (default: the
     checkpoint interval) as val_loss, each at fixed noise and times. workers: threads reading real images ahead
-    while the cache is built (data.Prefetch; 0: in turn)."""
+    while the cache is built (data.Prefetch; 0: in turn). samples: every sample_every steps (default: the
+    checkpoint interval) draw that many held-out (else training) examples from their tokens and captions into
+    DIR/decoder/samples/ (sample_images)."""
     from glmimage.train.ar import check_object_weight, weight_of_code
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
@@ -307,9 +312,15 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         return root(lambda: velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, code_weights,
                                           rt.rows(cfg.batch), every_call=rt.shard))
 
+    sampling = None
+    if samples:
+        vcache = torch.load(Path(out) / "decoder" / "val_cache.pt", weights_only=False) if val else cache
+        sampling = Sampling(sample_every or cfg.ckpt_every, sample_images(
+            preset, out, dit, glyph, vcache, samples, rt, root))
+
     return train_loop("decoder", out, models, trainable, step_fn, cfg, seed, steps, resume,
                       plot_keys=["loss", "mse", "val_loss"], progress=progress, stop_at=stop_at, rt=rt,
-                      shard_units=lambda: shard_units(root), identity=identity, val=validation)
+                      shard_units=lambda: shard_units(root), identity=identity, val=validation, sample=sampling)
 
 
 def held_out_loss(preset: TrainPreset, out: Path, data: str, val_data: str | None, n: int, every: int, seed: int,
@@ -337,6 +348,61 @@ def held_out_loss(preset: TrainPreset, out: Path, data: str, val_data: str | Non
                          f"{len(cache['text'])}")
     return Validation(len(batches), every,
                       lambda b: loss_fn(cache, batches[b], torch.Generator().manual_seed(VAL_SEED_OFFSET + b)))
+
+
+SAMPLE_STEPS, SAMPLE_GUIDANCE = 20, 1.5
+
+
+def sample_images(preset: TrainPreset, out: Path, dit: DiT, glyph: GlyphEncoder, cache: dict, n: int, rt: Runtime,
+                  call: Callable[[Callable], object]) -> Callable[[int], None]:
+    """fn(step): the first n text-to-image examples of `cache` (of its first example's size) drawn by the DiT from
+    their prior tokens and captions, as the pipeline samples (Euler, SAMPLE_STEPS steps, CFG SAMPLE_GUIDANCE, the
+    noise of seeds 0..n-1), decoded by the run's VAE; process 0 writes samples/step_<step>.png: the cached images
+    (through the VAE) above, the samples below. call(fn): runs fn inside the training root (sharded weights)."""
+    from glmimage.loading import read_json
+    from glmimage.pipeline import sample_latents
+    from glmimage.random_checkpoint import SCHEDULER_CONFIG
+    from glmimage.schedule import make_schedule
+    from glmimage.vae import VAE, pixels_to_pil
+    vae_model, mean, std = load_vae(preset, out)
+    vae = VAE(vae_model.to(rt.device), mean.flatten().tolist(), std.flatten().tolist())
+    shape = cache["latents"][0].shape
+    idx = [i for i in range(len(cache["text"])) if i not in cache["src_latents"]
+           and cache["latents"][i].shape == shape][:n]
+    if len(idx) < n:
+        raise ValueError(f"--samples {n}: only {len(idx)} text-to-image examples of one size to draw from")
+    scheduler = (read_json(preset.init / "scheduler" / "scheduler_config.json") if preset.init is not None
+                 else SCHEDULER_CONFIG)
+    x0 = torch.stack([cache["latents"][i] for i in idx]).to(rt.device).float()          # [n, C, h, w]
+    ids = torch.stack([cache["ids"][i] for i in idx]).to(rt.device)                     # [n, N]
+    texts = [cache["text"][i] for i in idx]
+    size = cache["size"][idx].float() if "size" in cache else torch.tensor([[preset.image_size] * 2] * n).float()
+    noise = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(k)) for k in range(n)])
+    p = dit.cfg.patch_size
+    grid = (shape[1] // p, shape[2] // p)
+    truth = pixels_to_pil(vae.decode(x0))
+
+    def fn(step: int) -> None:
+        def draw():
+            timesteps, sigmas = make_schedule(SAMPLE_STEPS, grid[0] * grid[1], scheduler)
+            n_t = len(timesteps)
+            sz = size[:1].to(rt.device).expand(n_t, 2)
+            mods = dit.modulation(dit.embed_vec(timesteps.to(rt.device), sz, torch.zeros_like(sz)))
+            g, g_len = glyph.encode(texts)
+            g_neg, _ = glyph.encode([""] * n)
+            return sample_latents(dit, noise.to(rt.device), g, g_len, g_neg, ids, grid, mods, timesteps, sigmas,
+                                  SAMPLE_GUIDANCE)[0]
+        latents = call(draw)
+        if rt.main:
+            drawn = pixels_to_pil(vae.decode(latents.float()))
+            w, h = truth[0].size
+            sheet = Image.new("RGB", (w * n, h * 2), "white")
+            for k, (a, b) in enumerate(zip(truth, drawn)):
+                sheet.paste(a, (k * w, 0)), sheet.paste(b, (k * w, h))
+            (Path(out) / "decoder" / "samples").mkdir(parents=True, exist_ok=True)
+            sheet.save(Path(out) / "decoder" / "samples" / f"step_{step:06d}.png")
+
+    return fn
 
 
 def shard_units(root: ShardRoot) -> tuple[list[nn.Module], list[tuple[nn.Module, str]]]:
