@@ -173,6 +173,13 @@ def test_two_processes_train_like_one(parallel_runs, stage):
     assert parts == two
     assert load_stage(parallel_runs / "two", stage)["step"] == 4
     assert not list((parallel_runs / "two" / stage).glob("*.tmp"))
+    if stage in ("ar", "decoder"):          # the held-out loss too, over processes and micro-batches
+        one, accum, two, parts = ({r["step"]: r["val_loss"] for r in read_log(parallel_runs / run / stage / "log.jsonl")
+                                   if "val_loss" in r} for run in ("one", "accum", "two", "two_parts"))
+        assert set(one) == set(two) == set(accum) == {1, 3} and set(parts) == {1, 3}
+        for k in one:
+            assert two[k] == pytest.approx(one[k], rel=2e-4) and accum[k] == pytest.approx(one[k], rel=2e-4)
+            assert parts[k] == two[k]
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +205,11 @@ def test_sharded_weights_train_like_whole_ones(sharded_runs, stage):
     two, shard, parts, accum = ([r["loss"] for r in read_log(sharded_runs / run / stage / "log.jsonl")]
                                 for run in ("two", "shard", "shard_parts", "shard_accum"))
     assert len(shard) == 4 and shard == pytest.approx(two, rel=2e-4)
+    vals = [[r["val_loss"] for r in read_log(sharded_runs / run / stage / "log.jsonl") if "val_loss" in r]
+            for run in ("two", "shard")]
+    assert len(vals[0]) == 2 and vals[1] == pytest.approx(vals[0], rel=2e-4)       # sharded weights, same loss
+    if stage == "decoder":                  # drawn by the sharded DiT (every process runs it, process 0 writes)
+        assert [p.name for p in (sharded_runs / "shard" / stage / "samples").iterdir()] == ["step_000004.png"]
     assert parts == shard
     assert accum == pytest.approx(two, rel=2e-4)
     from glmimage.train.common import STAGE_KEYS

@@ -7,7 +7,8 @@
 --shard trains the ar and decoder stages only, their weights sharded over the processes (FSDP2);
 --recompute checkpoints their blocks' activations; --compile compiles their blocks.
 test_train.py compares the runs. Dead-code restarts of the tokenizer run every 2 steps here, so the
-multi-process path of the restarts is exercised too."""
+multi-process path of the restarts is exercised too. The ar and decoder stages always log a held-out loss
+(--val 4, every 2 steps) and the decoder draws 2 samples at the end of each part."""
 import argparse
 from pathlib import Path
 
@@ -39,7 +40,9 @@ if __name__ == "__main__":
     for name, train in stages.items():
         if args.shard and name not in ("ar", "decoder"):
             continue
-        kwargs = {"object_weight": 3.0} if name == "decoder" else {}
+        kwargs = {"object_weight": 3.0, "samples": 2, "sample_every": STEPS} if name == "decoder" else {}
+        if name in ("ar", "decoder"):
+            kwargs.update(val=4, val_every=2)
         if args.recompute and name in ("ar", "decoder"):
             kwargs["recompute"] = True
         if args.compile and name in ("ar", "decoder"):
