@@ -253,7 +253,8 @@ def worker_ours(args, device, dtype) -> dict:
     first = [run()[1]["total"] for _ in range(args.warmup)]   # a compiled pipeline's first image compiles
     measured = reset_peak_rss()
     image, stages = min((run() for _ in range(args.repeat)), key=lambda r: r[1]["total"])
-    impl = (f"glmimage ({dtype}{', int8 AR' if args.int8 else ''}{', offload' if args.offload else ''}"
+    int8 = {"ar": ", int8 AR", "dit": ", int8 DiT", "all": ", int8 AR and DiT"}.get(args.int8, "")
+    impl = (f"glmimage ({dtype}{int8}{', offload' if args.offload else ''}"
             f"{', no CUDA graph' if args.eager and device.type == 'cuda' else ''}{', compiled' if args.compile else ''}"
             f"{f', batch of {args.batch}' if args.batch > 1 else ''}"
             f"{f', step cache {args.step_cache:g}' if args.step_cache else ''})")
@@ -292,7 +293,7 @@ def worker_main(args) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 
-def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: bool = False,
+def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: str | None = None,
           offload: bool = False, batch: int = 1, eager: bool = False, compile: bool = False,
           step_cache: float = 0.0) -> dict:
     """Run one worker in a fresh process. A failed worker is reported ({"error": ...}), not fatal: the other
@@ -309,7 +310,7 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
     if args.offload or offload:
         cmd += ["--offload"]
     if int8:
-        cmd += ["--int8"]
+        cmd += ["--int8", int8]
     if batch > 1:
         cmd += ["--batch", str(batch)]
     if step_cache:
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="our dtype (several: comma-separated, e.g. float32,bfloat16; "
-                                                   "'+int8' adds int8 AR weights, '+offload' stage residency, "
+                                                   "'+int8' adds int8 AR weights ('+int8dit' the DiT's, "
+                                                   "'+int8all' both), '+offload' stage residency, "
                                                    "'+batchN' N prompts in one call (throughput), '+eager' no CUDA "
                                                    "graph for the AR decode, '+compile' torch.compile (as "
                                                    "--compile), '+cacheT' the DiT step cache at threshold T, e.g. "
@@ -385,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
-    p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--int8", default=None, choices=["ar", "dit", "all"], help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--step-cache", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -398,11 +400,14 @@ def main(argv: list[str] | None = None) -> None:
         dt, *flags = variant.split("+")
         batch = [int(f[5:]) for f in flags if f.startswith("batch") and f[5:].isdigit() and int(f[5:]) > 0]
         cache = [f for f in flags if re.fullmatch(r"cache(0?\.\d+)", f)]
-        unknown = set(flags) - {"int8", "offload", "eager", "compile"} - {f"batch{b}" for b in batch} - set(cache)
+        int8 = {"int8": "ar", "int8dit": "dit", "int8all": "all"}
+        unknown = (set(flags) - {"offload", "eager", "compile"} - set(int8) - {f"batch{b}" for b in batch}
+                   - set(cache))
         if unknown:
-            raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, offload, eager, compile, "
-                             "batchN (N >= 1), cacheT (0 < T < 1, e.g. cache0.1)")
-        variants.append((variant, dt, dict(int8="int8" in flags, offload="offload" in flags,
+            raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, int8dit, int8all, offload, "
+                             "eager, compile, batchN (N >= 1), cacheT (0 < T < 1, e.g. cache0.1)")
+        variants.append((variant, dt, dict(int8=next((int8[f] for f in flags if f in int8), None),
+                                           offload="offload" in flags,
                                            batch=batch[0] if batch else 1, eager="eager" in flags,
                                            compile="compile" in flags,
                                            step_cache=float(cache[0][5:]) if cache else 0.0)))

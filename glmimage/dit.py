@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glmimage.quantize import Int8Linear
+
 ROPE_THETA = 10000.0
 # Inductor settings for `Pipeline.compile()` on a CPU, where the whole velocity is one compiled graph (ar.cpu_compile).
 # benchmarks/dit_step.py, medium preset, fp32, 256², CFG batch 2, s per step: eager 0.71, blocks compiled one by one
@@ -239,7 +241,10 @@ class Attention(nn.Module):
 
     def fuse_qkv(self) -> None:
         """One [3D, D] GEMM instead of three. to_q/to_k/to_v become views into the fused weight, so the state
-        dict keeps its keys and no weight is held twice (offload moves whole storages, so they stay views)."""
+        dict keeps its keys and no weight is held twice (offload moves whole storages, so they stay views).
+        int8 linears (quantize.Int8Linear) stay three: the DiT's GEMMs are compute-bound, little is won."""
+        if isinstance(self.to_q, Int8Linear):
+            return
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()  # [3D, D]
         b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]).detach()  # [3D]
         D = w.shape[1]

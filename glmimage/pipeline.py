@@ -119,6 +119,17 @@ def _shared_velocity() -> Callable:
     return torch.compile(DiT.velocity, dynamic=False)
 
 
+def int8_parts(int8: bool | str | None) -> frozenset[str]:
+    """Pipeline's int8 option -> the stages quantized: False/None none, True or "ar" the AR, "dit", or "all"."""
+    if not int8:
+        return frozenset()
+    if int8 is True or int8 == "ar":
+        return frozenset({"ar"})
+    if int8 in ("dit", "all"):
+        return frozenset({"dit"} if int8 == "dit" else {"ar", "dit"})
+    raise ValueError(f"int8 must be one of 'ar' (or True), 'dit', 'all', or False; got {int8!r}")
+
+
 def sample_latents(dit: DiT, noise: torch.Tensor, glyph: torch.Tensor, glyph_len: torch.Tensor | None,
                    glyph_neg: torch.Tensor, prior: torch.Tensor, grid_hw: tuple[int, int], mods, timesteps, sigmas,
                    guidance: float, ref_kv=None, callback=None, step_cache: float = 0.0,
@@ -165,7 +176,8 @@ class Pipeline:
 
     def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, offload: bool = False,
                  int8: bool = False, cuda_graph: bool = True):
-        self.root, self.device, self.dtype, self.offload, self.int8 = root, device, dtype, offload, int8
+        self.root, self.device, self.dtype, self.offload = root, device, dtype, offload
+        self.int8 = int8_parts(int8)                # the stages whose linears are int8: {"ar"}, {"dit"}, both
         index = loading.read_json(root / "model_index.json")
         self.vle_dir = root / "vision_language_encoder"
         vle_cfg = loading.read_json(self.vle_dir / "config.json")
@@ -201,11 +213,13 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, offload: bool = False,
-                        int8: bool = False, cuda_graph: bool = True) -> "Pipeline":
+                        int8: bool | str = False, cuda_graph: bool = True) -> "Pipeline":
         """Load the official folder layout (a local folder or a hub id); None loads the bundled model.
 
-        offload: keep only the running stage resident. int8: int8 weight-only linears in the AR's layers (its
-        decode is bound by reading weights; the DiT is compute-bound and stays in `dtype`). cuda_graph: on a CUDA
+        offload: keep only the running stage resident. int8: int8 weight-only linears (quantize.py) in the AR's
+        layers ("ar" or True: its decode is bound by reading weights, so it also runs faster where an int8 kernel
+        exists), in the DiT's blocks ("dit": half of bf16's memory, a quarter of fp32's; its compute-bound GEMMs run
+        in `dtype`, slower by the per-call conversion), or both ("all"). cuda_graph: on a CUDA
         device, replay each AR decode step as one CUDA graph (elsewhere the eager loop runs)."""
         root = loading.resolve(path if path is not None else default_model())
         pipe = cls(root, torch.device(device), dtype, offload, int8, cuda_graph)
@@ -223,7 +237,7 @@ class Pipeline:
         if name == "ar":
             with torch.device("meta"):
                 m = ARModel(self.ar_cfg)
-            if self.int8:     # the decode streams these weights: 1 byte each instead of 2 or 4; quantized as read
+            if "ar" in self.int8:   # the decode streams these weights: 1 byte each instead of 2 or 4; quantized as read
                 quantize_int8(m.decoder.layers)
             m = loading.load_weights(m, self.vle_dir, AR_KEY_PREFIXES, device=device, dtype=self.dtype,
                                      skip_prefixes=tuple(VISION_KEY_PREFIXES))
@@ -236,6 +250,8 @@ class Pipeline:
         if name in ("dit", "dit_adaln"):
             with torch.device("meta"):
                 m = DiT(self.dit_cfg)
+            if "dit" in self.int8:  # every block's linears (the AdaLN ones too), quantized as read
+                quantize_int8(m.transformer_blocks, min_features=1)
             # offload: "dit_adaln" holds only the AdaLN weights and "dit" everything else (the other part on meta)
             select = (adaln_key if name == "dit_adaln" else lambda k: not adaln_key(k)) if self.offload else None
             m = loading.load_weights(m, self.root / "transformer", None, device=device, dtype=self.dtype,
@@ -306,10 +322,15 @@ class Pipeline:
         if self.device.type != "cpu":       # regional: one compiled block reused 30x
             for block in dit.transformer_blocks:
                 block.compile()
-        elif not self.offload:              # one graph, weights frozen in: 0.71 -> 0.50 s per step (dit.py)
+        elif not self._dit_compiled_unfrozen:   # one graph, weights frozen in: 0.71 -> 0.50 s per step (dit.py)
             dit.velocity = cpu_compile(dit.velocity, DIT_CPU_COMPILE_OPTIONS)
-        # offload on a CPU: _denoise calls _shared_velocity() with the DiT as an argument (an attribute referring
-        # back to the DiT would be a reference cycle, holding each released DiT until the garbage collector runs)
+        # offload or an int8 DiT on a CPU: _denoise calls _shared_velocity() with the DiT as an argument (an attribute
+        # referring back to the DiT would be a reference cycle, holding each released DiT until the garbage collector
+        # runs); an int8 DiT is not frozen, as freezing would fold its weights back into floating-point constants
+
+    @property
+    def _dit_compiled_unfrozen(self) -> bool:
+        return self.compiled and self.device.type == "cpu" and (self.offload or "dit" in self.int8)
 
     # ------------------------------------------------------------------------------------------------------
     def check_size(self, height: int, width: int) -> tuple[int, int]:
@@ -520,7 +541,7 @@ class Pipeline:
 
     def _denoise(self, dit: DiT, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, mods, timesteps, sigmas, guidance,
                  callback, step_cache=0.0, timings=None):
-        shared = self.compiled and self.offload and self.device.type == "cpu"
+        shared = self._dit_compiled_unfrozen
         x, skipped = sample_latents(dit, noise.to(self.device), *glyph, glyph_neg, prior, grid_hw, mods, timesteps,
                                     sigmas, guidance, ref_kv, callback, step_cache,
                                     functools.partial(_shared_velocity(), dit) if shared else dit.velocity)

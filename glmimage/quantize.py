@@ -1,8 +1,10 @@
 """Optional int8 weight-only linears: a quarter of fp32's weight bytes (half of bf16's).
 
-The AR's decode is bound by streaming its weights, so reading 1 byte per weight instead of 2 or 4 is the win.
-Each output row gets one symmetric scale (absmax / 127). Where PyTorch has an int8-weight matmul kernel (CPU, MPS)
-it is used; elsewhere the weight is dequantized on the fly (portable, not faster).
+The AR's decode is bound by streaming its weights, so reading 1 byte per weight instead of 2 or 4 is the win there;
+the DiT is compute-bound, so for it int8 saves memory only (its GEMMs run in the activation dtype on the weights
+converted per call). Each output row gets one symmetric scale (absmax / 127). Where PyTorch has an int8-weight
+matmul kernel for the decode's few rows (CPU, MPS) it is used; elsewhere the weight is converted on the fly and the
+scale applied to the output (`linear(x, w) * scales`, the form torch.compile's weight-only-int8 pattern matches).
 
     from glmimage.quantize import quantize_int8
     quantize_int8(pipe.ar)      # in place; state_dict keys become <name>.weight (int8) and <name>.scales
@@ -55,8 +57,8 @@ class Int8Linear(nn.Module):
             # decode: the int8 kernel streams 1 byte per weight. On CPU it is fast in bf16 only (measured: fp32
             # activations are several times slower than a dense fp32 GEMV), so it always runs in bf16 there.
             y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.weight, self.scales.bfloat16()).to(x.dtype)
-        else:                                                                    # prefill, or no kernel: dequantize
-            y = F.linear(x2, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        else:                                                # prefill, DiT, or no kernel: per-row scales after the GEMM
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

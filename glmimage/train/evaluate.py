@@ -33,11 +33,11 @@ SAMPLE_PROMPTS = [
 
 
 def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = False, vae_roundtrip: bool = False,
-         step_cache: float = 0.0):
+         step_cache: float = 0.0, int8: str | None = None):
     from glmimage.eval_scenes import ground_truth_generate_fn
     from glmimage.pipeline import Pipeline
     from glmimage.vae import pil_to_pixels, pixels_to_pil
-    pipe = Pipeline.from_pretrained(model)
+    pipe = Pipeline.from_pretrained(model, int8=int8 or False)
     size = pipe.native_size                          # model_index.json's "glmimage" entry, as are the grid factors
 
     render_truth = ground_truth_generate_fn(size)
@@ -75,6 +75,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=1.5)
     ap.add_argument("--step-cache", type=float, default=0.0, help="the pipeline's step_cache threshold (0 = off)")
+    ap.add_argument("--int8", default=None, choices=["ar", "dit", "all"], help="the pipeline's int8 option")
     ap.add_argument("--out", required=True)
     ap.add_argument("--grid", default=None, help="also write a sample grid PNG here")
     ap.add_argument("--threads", type=int, default=None)
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from glmimage.eval_scenes import evaluate
     pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens, args.vae_roundtrip,
-                                      args.step_cache)
+                                      args.step_cache, args.int8)
     t = time.perf_counter()
     generate(SAMPLE_PROMPTS[0], 0)
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
