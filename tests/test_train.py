@@ -477,7 +477,8 @@ def test_held_out_real_images(finetunes, tmp_path, capsys):
     assert len(torch.load(tmp_path / "run" / "decoder" / "val_cache.pt", weights_only=False)["text"]) == 8
     for bad, message in ((["--val", "0"], "--val is a number"), (["--val-every", "2"], "go with --val N"),
                          (["--val", "4", "--val-every", "0"], "--val-every must be"),
-                         (["--sample-every", "2"], "goes with --samples N"), (["--samples", "0"], "must be a positive number"),
+                         (["--sample-every", "2"], "goes with --samples N"),
+                         (["--samples", "0"], "must be a positive number"),
                          (["--workers", "-1"], "reading threads")):
         with pytest.raises(SystemExit) as e:
             main(["train", "decoder", "--preset", "debug", "--out", str(tmp_path / "x"), "--steps", "1", *bad])

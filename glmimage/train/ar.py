@@ -243,6 +243,5 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
 
     return train_loop("ar", out, models, trainable, step_fn, cfg, seed, steps, resume,
                       extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce", "val_loss"],
-                      progress=progress,
-                      stop_at=stop_at, rt=rt, shard_units=lambda: ([*model.decoder.layers, model], []),
-                      identity=identity, val=validation)
+                      progress=progress, stop_at=stop_at, rt=rt,
+                      shard_units=lambda: ([*model.decoder.layers, model], []), identity=identity, val=validation)

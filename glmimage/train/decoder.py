@@ -20,11 +20,11 @@ latent, and shapes are what the decoder gets wrong.
 
 VAE latents and token ids are computed once for a fixed set of examples (CACHE_SIZE by preset, or `cache_size`:
 --cache N; rendering, the VAE encoder and the tokenizer cost ~22 ms per small-preset example on 2 CPU cores,
-about a training step's ~27 ms per example) and stored in DIR/decoder/cache.pt; each epoch reads a seeded permutation of
-that set, each batch of one size (epoch_batches: with aspect-ratio buckets, a bucket's batches fill in the order the
-permutation reaches its examples). A larger cache costs its build time once and sees each example fewer times: for the small model 16000
-instead of 4000 narrowed the gap between training and fresh examples but did not improve fresh ones (model card,
-History: "v3").
+about a training step's ~27 ms per example) and stored in DIR/decoder/cache.pt; each epoch reads a seeded
+permutation of that set, each batch of one size (epoch_batches: with aspect-ratio buckets, a bucket's batches fill
+in the order the permutation reaches its examples). A larger cache costs its build time once and sees each example
+fewer times: for the small model 16000 instead of 4000 narrowed the gap between training and fresh examples but did
+not improve fresh ones (model card, History: "v3").
 """
 from __future__ import annotations
 
