@@ -378,6 +378,35 @@ def test_every_stage_trains_on_real_data(tmp_path):
         make_source(str(empty), 0, 64)
 
 
+def test_mixed_sources(runs, tmp_path):
+    """--data A+B interleaves sources (example i is source i mod K's example i // K): synthetic scenes with their
+    edits beside real images; the decoder and the AR train on such a mix."""
+    from glmimage.train.data import Prefetch, make_source
+    full, _ = runs
+    folder, _ = _write_real_data(tmp_path)
+    mix = make_source(f"synthetic+{folder}", 0, 64, kinds=("t2i", "edit"))
+    parts = make_source("synthetic", 0, 64, kinds=("t2i", "edit")), make_source(str(folder), 0, 64)
+    for i in range(8):
+        got, want = mix.example(i), parts[i % 2].example(i // 2)
+        assert got["index"] == i and got["kind"] == want["kind"]
+        key = "image" if want["kind"] == "t2i" else "target"
+        assert got[key].tobytes() == want[key].tobytes()
+    assert {mix.example(i)["kind"] for i in range(0, 40, 2)} == {"t2i", "edit"}
+    assert len(make_source(f"{folder}+{folder}", 0, 64)) == 16
+    assert Prefetch(mix).pool is None and Prefetch(make_source(f"{folder}+{folder}", 0, 64)).pool is not None
+    preset = get_preset("debug")
+    for d in ("vae", "vae_decoder", "tokenizer"):
+        shutil.copytree(full / d, tmp_path / "run" / d)
+    for stage in (decoder.train, ar.train):
+        log = stage(preset, tmp_path / "run", data=f"synthetic+{folder}", steps=2, progress=False)
+        assert len(log) == 2 and all(r["loss"] == r["loss"] for r in log)
+    cache = torch.load(tmp_path / "run" / "decoder" / "cache.pt", weights_only=False)
+    assert cache["src_latents"] and cache["crop"].any()                     # scene edits, cropped photos
+    with pytest.raises(ValueError, match="needs --data synthetic"):
+        decoder.train(preset, tmp_path / "run2", data=f"synthetic+{folder}", steps=1, progress=False,
+                      object_weight=4.0)
+
+
 def test_prefetch_reads_the_same_examples(tmp_path):
     """Reading ahead in threads (tar shards: one open file per thread) returns exactly the examples read in turn."""
     from glmimage.train.data import Prefetch, make_source

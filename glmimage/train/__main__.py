@@ -36,7 +36,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="small", help="training preset: small or debug")
     p.add_argument("--data", default="synthetic",
                    help="'synthetic', a folder of images with same-name .txt captions, or tar shards "
-                        "('shards/train-{000..099}.tar')")
+                        "('shards/train-{000..099}.tar'); several joined by '+' interleave ('synthetic+photos/')")
     p.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
     p.add_argument("--out", required=True, help="run folder (one sub-folder per stage)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/<stage>/ckpt.pt")

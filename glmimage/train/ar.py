@@ -26,7 +26,7 @@ from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
 from glmimage.train.common import (Runtime, Validation, checkpoint_path, finetune_identity, load_stage, train_loop,
                                    trained_weights, wrap_blocks)
-from glmimage.train.data import Prefetch, bucket_sizes, held_out, make_source
+from glmimage.train.data import Prefetch, bucket_sizes, has_synthetic, held_out, make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
@@ -205,14 +205,12 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         pt = prompt_tokenizer(tok, preset)
     model = build_ar(preset, text_vocab_size(tok, preset), seed)
     models, trainable = wrap_blocks("ar", model, model.decoder.layers, rt, seed, lora, recompute, compile)
-    kinds = ("t2i",) if data != "synthetic" else ("t2i", "t2i", "edit")
-    source = Prefetch(make_source(data, seed, preset.image_size, sizes, kinds=kinds,
-                                  **(SCENE_KWARGS if data == "synthetic" else {})), workers)
+    kinds = ("t2i", "t2i", "edit") if has_synthetic(data) else ("t2i",)      # (real images: t2i)
+    source = Prefetch(make_source(data, seed, preset.image_size, sizes, kinds=kinds, **SCENE_KWARGS), workers)
     code_weights = weight_of_code(preset, out, object_weight) if object_weight != 1 else None
     validation = None
     if val:
-        held, n_val = held_out(val, data, val_data, seed, preset.image_size, sizes, kinds=kinds,
-                               **(SCENE_KWARGS if data == "synthetic" else {}))
+        held, n_val = held_out(val, data, val_data, seed, preset.image_size, sizes, kinds=kinds, **SCENE_KWARGS)
         if n_val < cfg.batch:
             raise ValueError(f"--val must hold at least one batch ({cfg.batch} examples), got {n_val}")
         held = Prefetch(held, workers)

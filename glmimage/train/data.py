@@ -108,9 +108,37 @@ def bucket_sizes(size: int, unit: int, max_ratio: float | None) -> list[tuple[in
     return aspect_buckets(size, unit, max_ratio) if max_ratio else None
 
 
+class MixedSource:
+    """Several sources interleaved (`--data synthetic+photos/`): example i is source (i mod K)'s example i // K, so
+    each source gives every K-th example (name one twice to give it twice the share)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __len__(self) -> int:                   # distinct examples (real sources only: scenes never run out)
+        return len(self.parts) * max(len(p) for p in self.parts)
+
+    def example(self, i: int) -> dict:
+        K = len(self.parts)
+        return {**self.parts[i % K].example(i // K), "index": i}
+
+
+def parts_of(data: str) -> list[str]:
+    """The sources a --data value names: 'synthetic', a folder, tar shards, or several joined by '+'."""
+    return data.split("+")
+
+
+def has_synthetic(data: str) -> bool:
+    return "synthetic" in parts_of(data)
+
+
 def make_source(data: str, seed: int, size: int, buckets: list[tuple[int, int]] | None = None, **kwargs):
-    """'synthetic', tar shards (a path, glob or brace pattern ending in .tar), or a folder of captioned images.
-    buckets: aspect-ratio buckets for real images (synthetic scenes are square)."""
+    """'synthetic', tar shards (a path, glob or brace pattern ending in .tar), a folder of captioned images, or
+    several of them joined by '+' (MixedSource). buckets: aspect-ratio buckets for real images (synthetic scenes
+    are square); kwargs: the scenes' settings (SceneStream)."""
+    if "+" in data:
+        return MixedSource([make_source(part, seed, size, None if part == "synthetic" else buckets, **kwargs)
+                            for part in parts_of(data)])
     if data == "synthetic":
         if buckets:
             raise ValueError("aspect-ratio buckets (--buckets) are for real images: synthetic scenes are square")
@@ -128,7 +156,8 @@ class Prefetch:
     def __init__(self, source, workers: int = 4):
         from concurrent.futures import ThreadPoolExecutor
         self.source = source
-        threaded = workers > 0 and not isinstance(source, SyntheticSource)
+        parts = source.parts if isinstance(source, MixedSource) else [source]
+        threaded = workers > 0 and not any(isinstance(p, SyntheticSource) for p in parts)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch") if threaded else None
         self.pending: dict = {}                 # index -> Future
 
@@ -156,10 +185,12 @@ def held_out(n: int, data: str, val_data: str | None, seed: int, size: int,
     if n < 1:
         raise ValueError(f"--val is a number of held-out examples, got {n}")
     if val_data is None:
-        if data != "synthetic":
+        if data != "synthetic":                 # (a mix with real images too)
             raise ValueError("--val on real data needs --val-data PATH: held-out images (a folder or tar shards) "
                              "that no step trains on")
         return make_source("synthetic", seed + VAL_SEED_OFFSET, size, **kwargs), n
+    if has_synthetic(val_data):
+        raise ValueError("--val-data names held-out real images (a folder or tar shards), not synthetic scenes")
     source = make_source(val_data, seed, size, buckets)
     return source, min(n, len(source))
 

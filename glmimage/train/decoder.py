@@ -42,7 +42,8 @@ from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
 from glmimage.train.common import (Runtime, Sampling, ShardRoot, Validation, atomic_save, finetune_identity,
                                    load_stage, train_loop, trained_weights, wrap_blocks)
-from glmimage.train.data import VAL_SEED_OFFSET, Prefetch, bucket_sizes, by_size, held_out, make_source, to_pixels
+from glmimage.train.data import (VAL_SEED_OFFSET, Prefetch, bucket_sizes, by_size, has_synthetic, held_out,
+                                 make_source, to_pixels)
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
@@ -106,13 +107,12 @@ def build_cache(preset: TrainPreset, run_dir: Path, data: str, seed: int, n: int
     from tqdm import tqdm
     vae, mean, std = load_vae(preset, run_dir)
     vq = load_tokenizer(preset, run_dir)
-    kinds = ("t2i", "t2i", "t2i", "edit") if data == "synthetic" else ("t2i",)
-    source = source or make_source(data, seed, preset.image_size, buckets, kinds=kinds,
-                                   **(SCENE_KWARGS if data == "synthetic" else {}))
+    kinds = ("t2i", "t2i", "t2i", "edit") if has_synthetic(data) else ("t2i",)    # (real images: t2i)
+    source = source or make_source(data, seed, preset.image_size, buckets, kinds=kinds, **SCENE_KWARGS)
     fetch = Prefetch(source, workers)
     if n is None:
         n = CACHE_SIZE.get(preset.name, 4000)
-        if data != "synthetic":
+        if not has_synthetic(data):           # real images only: each once
             n = min(n, max(preset.stages["decoder"].batch, len(source)))
     u = preset.ar_token_px // (vae_scale(vae) * 2)
 
@@ -335,8 +335,7 @@ def held_out_loss(preset: TrainPreset, out: Path, data: str, val_data: str | Non
         cache = torch.load(path, weights_only=False) if path.exists() else None
         if cache is None or cache.get("key") != key:
             kinds = ("t2i", "t2i", "t2i", "edit") if val_data is None else ("t2i",)
-            source, count = held_out(n, data, val_data, seed, preset.image_size, sizes, kinds=kinds,
-                                     **(SCENE_KWARGS if val_data is None else {}))
+            source, count = held_out(n, data, val_data, seed, preset.image_size, sizes, kinds=kinds, **SCENE_KWARGS)
             cache = build_cache(preset, out, data, seed, count, progress, sizes, source=source, workers=workers)
             cache["key"] = key
             atomic_save(cache, path)
