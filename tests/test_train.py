@@ -552,8 +552,20 @@ def test_train_command_flags(tmp_path, capsys):
           "--ema", "0.5", "--precision", "bf16", "--accum", "2", "--device", "cpu"])
     ck = load_stage(tmp_path, "vae")
     assert ck["step"] == 2 and set(ck["ema"]) == {"vae"}
+    # --warmup, --schedule, --grad-clip, --weight-decay reach the loop: a constant rate after 1 warmup step, the
+    # gradients' norm logged (unclipped with --grad-clip 0: the same steps as a huge clip)
+    logs = {}
+    for run, clip in (("a", "0"), ("b", "1e9")):
+        main(["train", "vae", "--preset", "debug", "--out", str(tmp_path / run), "--steps", "3", "--lr", "0.002",
+              "--warmup", "1", "--schedule", "constant", "--grad-clip", clip, "--weight-decay", "0.01"])
+        logs[run] = read_log(tmp_path / run / "vae" / "log.jsonl")
+    assert [r["lr"] for r in logs["a"]] == [0.002] * 3
+    assert all(r["grad_norm"] > 0 for r in logs["a"])
+    assert [r["loss"] for r in logs["a"]] == [r["loss"] for r in logs["b"]]
     for bad, message in ((["--ema", "1.5"], "--ema is a decay"), (["--ckpt-every", "0"], "--ckpt-every must be"),
-                         (["--accum", "0"], "--accum must be"), (["--precision", "fp16"], "choose one of fp32, bf16")):
+                         (["--accum", "0"], "--accum must be"), (["--precision", "fp16"], "choose one of fp32, bf16"),
+                         (["--warmup", "-1"], "--warmup must be >= 0"), (["--schedule", "step"], "invalid choice"),
+                         (["--grad-clip", "-1"], "--grad-clip must be >= 0")):
         with pytest.raises(SystemExit) as e:
             main(["train", "vae", "--preset", "debug", "--out", str(tmp_path), "--steps", "2", *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -88,6 +88,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "weight (checkpoints hold the adapters; export merges them)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
+    p.add_argument("--warmup", type=int, default=None, metavar="N",
+                   help="steps of linear learning-rate warmup (default: the preset's)")
+    p.add_argument("--schedule", default=None, choices=["cosine", "constant"],
+                   help="the learning rate after the warmup: cosine down to 10%% at the last step (the default), or "
+                        "constant")
+    p.add_argument("--weight-decay", type=float, default=None, metavar="W", help="AdamW's (default: the preset's)")
+    p.add_argument("--grad-clip", type=float, default=None, metavar="C",
+                   help="clip the gradients' global norm to C (default: the preset's, 1; 0: no clipping; the norm "
+                        "is logged as grad_norm either way)")
     p.add_argument("--recompute", action="store_true",
                    help="ar and decoder: activation checkpointing (each block's forward runs again in the backward "
                         "pass: one block's activations held instead of all, same numbers, ~1 more forward of compute)")
@@ -127,6 +136,13 @@ def run_train(args) -> None:
             if value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
             setattr(preset.stages[args.stage], name, value)
+    for name, value in (("warmup", args.warmup), ("weight_decay", args.weight_decay), ("grad_clip", args.grad_clip)):
+        if value is not None:
+            if value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+            setattr(preset.stages[args.stage], name, value)
+    if args.schedule is not None:
+        preset.stages[args.stage].schedule = args.schedule
     rt = setup_runtime(args.device, args.precision, args.accum, args.shard)
     if args.ema is not None:
         if not 0 <= args.ema < 1:

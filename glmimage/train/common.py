@@ -244,9 +244,11 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 
 def lr_at(step: int, cfg: StageConfig, total: int) -> float:
-    """Linear warmup, then cosine down to 10% at `total`."""
+    """Linear warmup, then cosine down to 10% at `total` (cfg.schedule "cosine") or constant ("constant")."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
     t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
@@ -602,8 +604,8 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                         p.grad.div_(denom)
                 loss = rt.sum(num) / total
                 metrics = {k: rt.sum(v) / rt.world for k, v in sums.items()}   # means over equal row blocks
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            # the gradients' global norm, logged; clipped to cfg.grad_clip (0: not clipped, the norm still logged)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
             opt.step()
             if ema:                                         # the decay ramps up: (1 + step) / (10 + step) early on
                 w = 1 - min(cfg.ema, (1 + step) / (10 + step))
@@ -611,8 +613,10 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
                     e.lerp_(p.detach(), w)
             if after_step is not None:
                 after_step(step, gen)
+            if hasattr(grad_norm, "full_tensor"):           # sharded: a DTensor
+                grad_norm = grad_norm.full_tensor()
             rec = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
-                   "lr": lr, "time": round(time.time() - t0, 2)}
+                   "lr": lr, "grad_norm": float(grad_norm), "time": round(time.time() - t0, 2)}
             if peak_memory is not None:
                 rec["peak_mem_gib"] = round(peak_memory(rt.device) / 2**30, 3)
             if val is not None and ((step + 1) % val.every == 0 or step + 1 == end):

@@ -27,6 +27,7 @@ class StageConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.0        # decay of an exponential moving average of the weights (0: none; --ema overrides)
+    schedule: str = "cosine"  # after the warmup: "cosine" down to 10% of lr at the last step, or "constant"
 
 
 @dataclass
