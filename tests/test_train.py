@@ -493,6 +493,26 @@ def test_decoder_samples(runs, tmp_path):
         assert top != bottom
 
 
+def test_ar_samples(runs, finetunes, debug_ckpt, tmp_path):
+    """--samples N on the AR: its grids for N captions, painted by the --init model's decoder, every --sample-every
+    steps into samples/; the losses are the run's without it; no decoder to paint with, or one that reads other
+    tokens, is refused."""
+    from PIL import Image
+    root, model, folder, preset, logs = finetunes
+    log = ar.train(preset, tmp_path / "run", data=str(folder), steps=2, progress=False, samples=2, sample_every=1)
+    assert [r["loss"] for r in log] == [r["loss"] for r in logs["full", "glmimage.train.ar"][:2]]
+    drawn = sorted((tmp_path / "run" / "ar" / "samples").iterdir())
+    assert [p.name for p in drawn] == ["step_000001.png", "step_000002.png"]
+    with Image.open(drawn[0]) as im:
+        assert im.size == (2 * 64, 64)
+    with pytest.raises(ValueError, match="reads 128 codes of 32 px"):
+        ar.train(preset, tmp_path / "other", data=str(folder), steps=1, progress=False, samples=1,
+                 sample_model=str(debug_ckpt))
+    shutil.copytree(runs[0] / "tokenizer", tmp_path / "scratch" / "tokenizer")      # trained from scratch
+    with pytest.raises(ValueError, match="give --sample-model"):
+        ar.train(get_preset("debug"), tmp_path / "scratch", steps=1, progress=False, samples=1)
+
+
 def test_held_out_real_images(finetunes, tmp_path, capsys):
     """On real data --val takes held-out images from --val-data (at most N, each once); without it, refused."""
     from glmimage.train.__main__ import main

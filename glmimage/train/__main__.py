@@ -76,9 +76,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="with --val: held-out images (a folder or tar shards) that no step trains on")
     p.add_argument("--val-every", type=int, default=None, metavar="K", help="with --val: the interval in steps")
     p.add_argument("--samples", type=int, default=None, metavar="N",
-                   help="decoder: draw N held-out (with --val) or training examples from their tokens and captions "
-                        "every --sample-every steps (default: the checkpoint interval) into DIR/decoder/samples/ "
-                        "(the images above, the samples below)")
+                   help="every --sample-every steps (default: the checkpoint interval), images of N held-out (with "
+                        "--val) or training examples into DIR/<stage>/samples/: decoder: drawn from their tokens and "
+                        "captions (the images above, the samples below); ar: its grids for their captions, painted "
+                        "by --sample-model's decoder")
+    p.add_argument("--sample-model", default=None, metavar="MODEL",
+                   help="ar with --samples: the model whose decoder paints the grids (default: the --init model)")
     p.add_argument("--sample-every", type=int, default=None, metavar="K", help="with --samples: the interval in steps")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="ar and decoder on real images: threads reading the next batch's images while a step runs "
@@ -165,8 +168,10 @@ def run_train(args) -> None:
         raise ValueError("--buckets is for real images (a folder or tar shards): synthetic scenes are square")
     if (args.val_data is not None or args.val_every is not None) and args.val is None:
         raise ValueError("--val-data and --val-every go with --val N (the number of held-out examples)")
-    if (args.samples is not None or args.sample_every is not None) and args.stage != "decoder":
-        raise ValueError(f"--samples draws images with the decoder stage, not {args.stage}")
+    if (args.samples is not None or args.sample_every is not None) and args.stage not in ("ar", "decoder"):
+        raise ValueError(f"--samples applies to the ar and decoder stages, not {args.stage}")
+    if args.sample_model is not None and (args.stage != "ar" or args.samples is None):
+        raise ValueError("--sample-model goes with --samples N on the ar stage")
     if args.sample_every is not None and args.samples is None:
         raise ValueError("--sample-every goes with --samples N")
     for flag, value in (("--samples", args.samples), ("--sample-every", args.sample_every)):
@@ -182,7 +187,8 @@ def run_train(args) -> None:
                    ("--compile", "compile", args.compile or None), ("--buckets", "buckets", args.buckets),
                    ("--val", "val", args.val), ("--val-data", "val_data", args.val_data),
                    ("--val-every", "val_every", args.val_every), ("--workers", "workers", args.workers),
-                   ("--samples", "samples", args.samples), ("--sample-every", "sample_every", args.sample_every))
+                   ("--samples", "samples", args.samples), ("--sample-every", "sample_every", args.sample_every),
+                   ("--sample-model", "sample_model", args.sample_model))
     for flag, name, value in stage_flags:
         if value is not None:
             if args.stage not in ("ar", "decoder"):

@@ -16,6 +16,7 @@ text specials), so any text still tokenizes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,9 @@ from torch import Tensor, nn
 from glmimage.ar import ARConfig, ARModel, sample_positions
 from glmimage.prompt import PromptTokenizer
 from glmimage.random_checkpoint import UNUSED_VISION_SLOTS, build_text_tokenizer
-from glmimage.train.common import (Runtime, Validation, checkpoint_path, finetune_identity, load_stage, train_loop,
-                                   trained_weights, wrap_blocks)
+from glmimage.train.common import (SAMPLE_GUIDANCE, SAMPLE_STEPS, Runtime, Sampling, Validation, checkpoint_path,
+                                   finetune_identity, load_stage, save_samples, train_loop, trained_weights,
+                                   wrap_blocks)
 from glmimage.train.data import Prefetch, bucket_sizes, has_synthetic, held_out, make_source
 from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
@@ -176,7 +178,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
           object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None,
           recompute: bool = False, compile: bool = False, buckets: float | None = None, val: int = 0,
-          val_data: str | None = None, val_every: int | None = None, workers: int = 4) -> list[dict]:
+          val_data: str | None = None, val_every: int | None = None, workers: int = 4, samples: int = 0,
+          sample_every: int | None = None, sample_model: str | None = None) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
     model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
@@ -185,7 +188,9 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     (data.bucket_sizes); a batch may mix them (its sequences are padded to the longest). val: log the loss of
     `val` held-out examples (data.held_out; val_data for real data) every val_every steps (default: the
     checkpoint interval) as val_loss. workers: threads reading real images ahead of the steps (data.Prefetch; 0:
-    read in the step)."""
+    read in the step). samples: every sample_every steps (default: the checkpoint interval) the AR writes the
+    grids of that many held-out (else training) captions, decoded by sample_model's decoder (default: the --init
+    model) into DIR/ar/samples/ (sample_grids)."""
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
     identity = finetune_identity(preset, lora, buckets)
@@ -235,6 +240,26 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         loss, metrics = ar_loss(model, ids, pos, targets, weights)
         return loss, weights.sum(), metrics
 
+    sampling = None
+    if samples:
+        if rt.shard:
+            raise ValueError("--samples with --shard: the AR's sampling loop calls its layers one by one, which "
+                             "sharded weights do not allow; sample from an exported checkpoint instead")
+        decoder_model = sample_model or preset.init
+        if decoder_model is None:
+            raise ValueError("--samples for the AR decodes its grids with a trained decoder: give --sample-model "
+                             "MODEL (an exported model whose decoder matches this run's tokenizer), or train with "
+                             "--init")
+        texts = []
+        for i in range(10 * samples):                       # the first t2i examples' captions
+            e = (held if val else source).get([i])[0]
+            if e["kind"] == "t2i":
+                texts.append(e["caption"])
+            if len(texts) == samples:
+                break
+        sampling = Sampling(sample_every or cfg.ckpt_every,
+                            sample_grids(model, pt, texts, preset.image_size, decoder_model, rt, Path(out) / "ar"))
+
     def step_fn(step: int, gen: torch.Generator):
         B = cfg.batch
         return batch_loss(source, range(step * B, (step + 1) * B), ahead=range((step + 1) * B, (step + 2) * B))
@@ -242,4 +267,36 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     return train_loop("ar", out, models, trainable, step_fn, cfg, seed, steps, resume,
                       extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce", "val_loss"],
                       progress=progress, stop_at=stop_at, rt=rt,
-                      shard_units=lambda: ([*model.decoder.layers, model], []), identity=identity, val=validation)
+                      shard_units=lambda: ([*model.decoder.layers, model], []), identity=identity, val=validation,
+                      sample=sampling)
+
+
+def sample_grids(model: ARModel, pt: PromptTokenizer, prompts: list[str], size: int, decoder_model, rt: Runtime,
+                 out_dir: Path) -> Callable[[int], None]:
+    """fn(step): the AR in training samples the t2i grids of `prompts` (seeds 0..n-1, the decoder model's sampling
+    settings, generation_config.json) and `decoder_model`'s decoder (glyph, DiT, VAE; held on the host between
+    uses) paints them (SAMPLE_STEPS Euler steps, CFG SAMPLE_GUIDANCE); process 0 writes samples/step_<step>.png."""
+    from glmimage.ar import generate_prior
+    from glmimage.pipeline import Pipeline
+    from glmimage.prompt import collate
+    dtype = rt.autocast or torch.float32
+    pipe = Pipeline.from_pretrained(decoder_model, device=rt.device, dtype=dtype, offload=True)
+    codes = pipe.dit_cfg.prior_vq_quantizer_codebook_size
+    if pipe.ar_token_px != pt.token_px or codes != model.cfg.boi_id:
+        raise ValueError(f"--sample-model {decoder_model}: its decoder reads {codes} codes of {pipe.ar_token_px} px, "
+                         f"this AR writes {model.cfg.boi_id} codes of {pt.token_px} px: give a model exported with "
+                         f"this run's tokenizer")
+    temperature, top_p, top_k = pipe._sampling(None, None, None)
+    seeds = list(range(len(prompts)))
+
+    def fn(step: int) -> None:
+        reqs = [pt.t2i(p, size, size) for p in prompts]
+        ids, mask = collate(reqs, model.cfg.pad_id)                                 # left-padded [n, S]
+        grid = generate_prior(model, ids.to(rt.device), [], reqs[0].target_grids, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seeds,
+                              attention_mask=mask.to(rt.device) if len(prompts) > 1 else None)[-1]   # [n, th, tw]
+        images = pipe.decode_grid(prompts, grid, size, size, SAMPLE_STEPS, SAMPLE_GUIDANCE, seeds)
+        if rt.main:
+            save_samples([images], out_dir, step)
+
+    return fn

@@ -380,10 +380,26 @@ class Validation(NamedTuple):
 
 class Sampling(NamedTuple):
     """Images drawn every `every` steps and at the end of each part: fn(step) draws them (every process calls it,
-    as a sharded model needs) and process 0 writes them."""
+    as a sharded model needs) and process 0 writes them (save_samples)."""
 
     every: int
     fn: Callable[[int], None]
+
+
+SAMPLE_STEPS, SAMPLE_GUIDANCE = 20, 1.5     # how samples drawn during training are denoised (Euler, CFG)
+
+
+def save_samples(rows: list[list[Image.Image]], out_dir: Path, step: int) -> Path:
+    """Rows of equally sized images as one sheet: out_dir/samples/step_<step>.png."""
+    w, h = rows[0][0].size
+    sheet = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            sheet.paste(im, (x * w, y * h))
+    path = Path(out_dir) / "samples" / f"step_{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
 
 
 def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainable: list[nn.Parameter],

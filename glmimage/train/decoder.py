@@ -34,14 +34,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
-from glmimage.train.common import (Runtime, Sampling, ShardRoot, Validation, atomic_save, finetune_identity,
-                                   load_stage, train_loop, trained_weights, wrap_blocks)
+from glmimage.train.common import (SAMPLE_GUIDANCE, SAMPLE_STEPS, Runtime, Sampling, ShardRoot, Validation,
+                                   atomic_save, finetune_identity, load_stage, save_samples, train_loop,
+                                   trained_weights, wrap_blocks)
 from glmimage.train.data import (VAL_SEED_OFFSET, Prefetch, bucket_sizes, by_size, has_synthetic, held_out,
                                  make_source, to_pixels)
 from glmimage.train.presets import TrainPreset, model_configs
@@ -349,9 +349,6 @@ def held_out_loss(preset: TrainPreset, out: Path, data: str, val_data: str | Non
                       lambda b: loss_fn(cache, batches[b], torch.Generator().manual_seed(VAL_SEED_OFFSET + b)))
 
 
-SAMPLE_STEPS, SAMPLE_GUIDANCE = 20, 1.5
-
-
 def sample_images(preset: TrainPreset, out: Path, dit: DiT, glyph: GlyphEncoder, cache: dict, n: int, rt: Runtime,
                   call: Callable[[Callable], object]) -> Callable[[int], None]:
     """fn(step): the first n text-to-image examples of `cache` (of its first example's size) drawn by the DiT from
@@ -393,13 +390,7 @@ def sample_images(preset: TrainPreset, out: Path, dit: DiT, glyph: GlyphEncoder,
                                   SAMPLE_GUIDANCE)[0]
         latents = call(draw)
         if rt.main:
-            drawn = pixels_to_pil(vae.decode(latents.float()))
-            w, h = truth[0].size
-            sheet = Image.new("RGB", (w * n, h * 2), "white")
-            for k, (a, b) in enumerate(zip(truth, drawn)):
-                sheet.paste(a, (k * w, 0)), sheet.paste(b, (k * w, h))
-            (Path(out) / "decoder" / "samples").mkdir(parents=True, exist_ok=True)
-            sheet.save(Path(out) / "decoder" / "samples" / f"step_{step:06d}.png")
+            save_samples([truth, pixels_to_pil(vae.decode(latents.float()))], Path(out) / "decoder", step)
 
     return fn
 
