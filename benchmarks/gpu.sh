@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu.sh full    # official sizes, random weights, 1024², 50 steps: ours, then the reference (~9 min)
 #   bash benchmarks/gpu.sh finetune  # fine-tuning the official-size DiT and AR (LoRA, bf16): device memory, s/step
 #   bash benchmarks/gpu.sh parity  # the official-size DiT against the reference's, bf16 and fp32, 1024², 50 steps (~4 min)
+#   bash benchmarks/gpu.sh extras  # official sizes: int8 AR + DiT compiled (memory without offload), the step cache (~7 min)
 #
 # The machine has PyTorch but no diffusers and an older transformers: the reference versions this repo tests
 # against travel as wheels in .whl/, fetched where pip works with
@@ -86,6 +87,15 @@ elif [ "$mode" = parity ]; then
     --out "$OUT/dit-parity-full-bf16-cuda.json" 2>&1 | grep -v Warning | tail -8
   timeout 300 python3 benchmarks/dit_parity.py --preset full --device cuda --dtype float32 --size 1024 --steps 50 \
     --out "$OUT/dit-parity-full-fp32-cuda.json" 2>&1 | grep -v Warning | tail -8
+elif [ "$mode" = extras ]; then
+  # official sizes, random weights, 1024², 50 steps: everything resident with int8 AR and DiT linears (does it fit
+  # 24 GB without offload, and does compile fuse the int8 conversion into the decode's GEMV?), and the step cache
+  # at T = 0.1 (random weights do not have a trained DiT's step dynamics: this measures what a skipped step saves)
+  export TMPDIR=/tmp/bench-work; mkdir -p $TMPDIR
+  timeout ${EXTRAS_TIMEOUT:-540} python3 -m glmimage.bench --preset full --device cuda --height 1024 --width 1024 \
+    --steps 50 --guidance 1.5 --warmup 0 --repeat 1 --reference-dtype none \
+    --dtype ${VARIANTS:-bfloat16+int8all+compile,bfloat16+compile+cache0.1} --out "$OUT/full-cuda-extras.json" 2>&1 \
+    | grep -v Warning | tail -30
 else
-  echo "usage: bash benchmarks/gpu.sh smoke|full|finetune|parity" >&2; exit 2
+  echo "usage: bash benchmarks/gpu.sh smoke|full|finetune|parity|extras" >&2; exit 2
 fi
