@@ -99,6 +99,19 @@ def test_compile_with_offload_on_cpu(debug_ckpt, pipe):
     assert np.abs(edits[0] - edits[1]).max() <= 1
 
 
+def test_compiled_int8_dit_on_cpu(debug_ckpt):
+    """compile() with an int8 DiT on a CPU: compiled without freezing (freezing would fold the int8 weights back
+    into float constants), the eager int8 image from the same tokens."""
+    eager = Pipeline.from_pretrained(debug_ckpt, int8="dit")
+    fast = Pipeline.from_pretrained(debug_ckpt, int8="dit").compile()
+    grid = torch.randint(0, 128, (2, 2), generator=torch.Generator().manual_seed(0))
+    kw = dict(height=64, width=64, num_inference_steps=3, seed=1, prior_token_ids=grid)
+    before = counters["stats"]["unique_graphs"]
+    a, b = (np.asarray(p(PROMPT, **kw)[0], dtype=int) for p in (eager, fast))
+    assert counters["stats"]["unique_graphs"] > before and "velocity" not in vars(fast.dit)   # compiled, unfrozen
+    assert np.abs(a - b).max() <= 1
+
+
 def test_static_decode_step_matches_eager(pipe):
     """The step a CUDA graph captures (static cache, mask, sampling and advance on the device), run eagerly here:
     the same tokens as the plain loop, sampled and greedy, for a left-padded batch too."""
