@@ -432,7 +432,13 @@ def main(argv: list[str] | None = None) -> None:
             tokens.write_text(json.dumps(ref["grid"]))
         results[ref_name] = ref
     for variant, dt, flags in variants:
-        results[f"glmimage-{variant}"] = spawn(args, "ours", dt, tmp / f"ours-{variant}.json", tokens, **flags)
+        r = results[f"glmimage-{variant}"] = spawn(args, "ours", dt, tmp / f"ours-{variant}.json", tokens, **flags)
+        if tokens is None and "grid" in r and flags["batch"] == 1:
+            # no reference: the later variants decode this first one's tokens, so approximate variants (int8, a
+            # step cache, another dtype) are compared with it from the same tokens (its own image is from them)
+            tokens = tmp / "first_variant_tokens.json"
+            tokens.write_text(json.dumps(r["grid"]))
+            r["image_from_reference_tokens"] = r["image"]
     if args.bracket and "stages" in results.get(ref_name, {}):
         after = spawn(args, "reference", args.reference_dtype, tmp / "reference-after.json")
         totals = [results[ref_name]["stages"]["total"], after["stages"]["total"] if "stages" in after else None]

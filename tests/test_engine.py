@@ -323,6 +323,22 @@ def test_large_images_decode_in_tiles(pipe, monkeypatch):
     assert calls and out.shape == (1, 3, 192, 192) and torch.isfinite(out).all()
 
 
+def test_bench_without_the_reference_compares_with_the_first_variant(debug_ckpt, tmp_path):
+    """--reference-dtype none: the later variants decode the first one's tokens, so an approximate variant (here the
+    step cache) is compared with it from the same tokens."""
+    import json
+
+    from glmimage.bench import main
+    out = tmp_path / "bench.json"
+    main(["--model", str(debug_ckpt), "--height", "64", "--width", "64", "--steps", "6", "--warmup", "0",
+          "--repeat", "1", "--device", "cpu", "--dtype", "float32,float32+cache0.9", "--reference-dtype", "none",
+          "--out", str(out)])
+    report = json.loads(out.read_text())
+    cached = report["comparisons"]["glmimage-float32+cache0.9"]
+    assert 0 < cached["image_vs_our_fp32_same_tokens"]["max_abs"] and cached["ar_tokens_equal_to_our_fp32"] == 1.0
+    assert report["results"]["glmimage-float32+cache0.9"]["stages"]["dit_steps_cached"] > 0
+
+
 def test_bench_runs_both_sides_and_reports(debug_ckpt, tmp_path):
     """`glmimage bench` end to end on the debug checkpoint: reference + two of our variants, each in its own
     process; the report has per-stage timings, floors, comparisons, and our image from the reference's tokens
