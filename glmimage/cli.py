@@ -44,9 +44,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, npu, mps, ...")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 elsewhere), float32, bfloat16")
     p.add_argument("--offload", action="store_true", help="keep only the running stage resident (less memory)")
-    p.add_argument("--int8", nargs="?", const="ar", default=None, choices=["ar", "dit", "all"],
-                   help="int8 weight-only linears: in the AR (the default; faster decode), the DiT (half its "
-                        "memory), or all")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only linears in the AR (faster decode)")
+    p.add_argument("--int8-dit", action="store_true",
+                   help="int8 weight-only linears in the DiT (half its bf16 memory; slightly slower steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT "
                    "(the first image compiles, minutes on a CPU; faster from then on; with --offload on a CPU the "
                    "compiled code is cached on disk for later processes)")
@@ -73,8 +73,8 @@ def load_pipeline(args):
     from glmimage.pipeline import Pipeline
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload,
-                                    int8=args.int8 or False)
+    int8 = {(True, False): "ar", (False, True): "dit", (True, True): "all"}.get((args.int8, args.int8_dit), False)
+    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload, int8=int8)
     return pipe.compile() if args.compile else pipe
 
 

@@ -140,6 +140,9 @@ def test_cli_generate(debug_ckpt, tmp_path):
     main(["generate", PROMPT, "a blue square", "--model", str(debug_ckpt), "--height", "64", "--width", "64",
           "--steps", "2", "-o", str(out)])                                      # one batch, one file per prompt
     assert Image.open(tmp_path / "x-0.png").size == Image.open(tmp_path / "x-1.png").size == (64, 64)
+    main(["generate", "--int8", "--int8-dit", PROMPT, "--model", str(debug_ckpt), "--height", "64", "--width", "64",
+          "--steps", "4", "--step-cache", "0.5", "-o", str(out)])              # the memory and speed options
+    assert Image.open(out).size == (64, 64)
 
 
 def test_bundled_model_loads_offline_by_default():
