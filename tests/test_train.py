@@ -493,6 +493,21 @@ def test_decoder_samples(runs, tmp_path):
         assert top != bottom
 
 
+def test_ar_keeps_real_images_grids_after_the_first_epoch(finetunes, tmp_path, monkeypatch):
+    """On real images the AR reads and tokenizes each image once: from the second epoch on it reuses the caption
+    and grid, with the losses of reading and tokenizing every time."""
+    _, _, folder, preset, _ = finetunes
+    encoded, encode = [], ar.encode_batch
+    monkeypatch.setattr(ar, "encode_batch", lambda vq, images, p: encoded.append(len(images)) or encode(vq, images, p))
+    kept = ar.train(preset, tmp_path / "kept", data=str(folder), steps=6, progress=False)       # 8 images, batch 4
+    assert sum(encoded) == 8
+    init = ar.Tokenized.__init__
+    monkeypatch.setattr(ar.Tokenized, "__init__", lambda self, fetch, enc, distinct: init(self, fetch, enc, None))
+    encoded.clear()
+    every = ar.train(preset, tmp_path / "every", data=str(folder), steps=6, progress=False)
+    assert sum(encoded) == 24 and [r["loss"] for r in kept] == [r["loss"] for r in every]
+
+
 def test_ar_samples(runs, finetunes, debug_ckpt, tmp_path):
     """--samples N on the AR: its grids for N captions, painted by the --init model's decoder, every --sample-every
     steps into samples/; the losses are the run's without it; no decoder to paint with, or one that reads other

@@ -174,6 +174,39 @@ def ar_loss(model: ARModel, ids: Tensor, pos: Tensor, targets: Tensor, weights: 
     return loss, {"token_acc": acc, "ce": ce[targets.flatten() >= 0].mean().detach()}
 
 
+class Tokenized:
+    """A source's examples with their VQ grids (t2i: {"image": grid}; edits: {"target", "source"}). Real images
+    repeat every `distinct` indices (example i is image i mod the image count), so their caption and grid are kept
+    after the first read: from the second epoch on a step reads and tokenizes nothing (a grid depends only on the
+    fitted image, so the numbers are the same). Synthetic scenes (distinct None) never repeat: read and tokenized
+    every time."""
+
+    def __init__(self, fetch: Prefetch, encode: Callable[[list], list[Tensor]], distinct: int | None):
+        self.fetch, self.encode, self.distinct = fetch, encode, distinct
+        self.kept: dict[int, tuple[dict, Tensor]] = {}  # i mod distinct -> (caption-only example, int32 grid)
+
+    def ahead(self, indices) -> None:
+        self.fetch.ahead([i for i in indices if self.distinct is None or i % self.distinct not in self.kept])
+
+    def get(self, indices) -> list[tuple[dict, dict]]:
+        out: dict[int, tuple[dict, dict]] = {}
+        todo = [i for i in indices if self.distinct is None or i % self.distinct not in self.kept]
+        ex = self.fetch.get(todo)
+        images = [e["image"] if e["kind"] == "t2i" else e["target"] for e in ex]
+        sources = [e["source"] for e in ex if e["kind"] == "edit"]
+        grids = self.encode(images + sources)
+        src_iter = iter(grids[len(images):])
+        for i, e, g in zip(todo, ex, grids[:len(images)]):
+            out[i] = (e, {"image": g} if e["kind"] == "t2i" else {"target": g, "source": next(src_iter)})
+            if self.distinct is not None:                 # real images: t2i
+                self.kept[i % self.distinct] = ({"kind": "t2i", "caption": e["caption"]}, g.to(torch.int32))
+        for i in indices:
+            if i not in out:
+                e, g = self.kept[i % self.distinct]
+                out[i] = (e, {"image": g.long()})
+        return [out[i] for i in indices]
+
+
 def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | None = None, resume: bool = False,
           seed: int = 0, progress: bool = True, stop_at: int | None = None,
           object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None,
@@ -211,31 +244,29 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     model = build_ar(preset, text_vocab_size(tok, preset), seed)
     models, trainable = wrap_blocks("ar", model, model.decoder.layers, rt, seed, lora, recompute, compile)
     kinds = ("t2i", "t2i", "edit") if has_synthetic(data) else ("t2i",)      # (real images: t2i)
-    source = Prefetch(make_source(data, seed, preset.image_size, sizes, kinds=kinds, **SCENE_KWARGS), workers)
+
+    def encode(images):
+        return encode_batch(vq, images, preset)
+
+    raw = make_source(data, seed, preset.image_size, sizes, kinds=kinds, **SCENE_KWARGS)
+    source = Tokenized(Prefetch(raw, workers), encode, None if has_synthetic(data) else len(raw))
     code_weights = weight_of_code(preset, out, object_weight) if object_weight != 1 else None
     validation = None
     if val:
         held, n_val = held_out(val, data, val_data, seed, preset.image_size, sizes, kinds=kinds, **SCENE_KWARGS)
         if n_val < cfg.batch:
             raise ValueError(f"--val must hold at least one batch ({cfg.batch} examples), got {n_val}")
-        held = Prefetch(held, workers)
+        held = Tokenized(Prefetch(held, workers), encode, None if val_data is None else n_val)
         validation = Validation(n_val // cfg.batch, val_every or cfg.ckpt_every,
                                 lambda b: batch_loss(held, range(b * cfg.batch, (b + 1) * cfg.batch)))
 
-    def batch_loss(source: Prefetch, indices: range, ahead: range | None = None):
+    def batch_loss(source: Tokenized, indices: range, ahead: range | None = None):
         """This process's rows of the examples `indices` of `source`: (loss, weight, metrics). ahead: the next
         batch's indices, read while this one runs."""
-        ex = source.get(indices[rt.rows(cfg.batch)])
+        pairs = source.get(indices[rt.rows(cfg.batch)])
         if ahead is not None:
             source.ahead(ahead[rt.rows(cfg.batch)])
-        images = [e["image"] if e["kind"] == "t2i" else e["target"] for e in ex]
-        sources = [e["source"] for e in ex if e["kind"] == "edit"]
-        grids = encode_batch(vq, images + sources, preset)
-        src_iter = iter(grids[len(images):])
-        items = []
-        for e, g in zip(ex, grids[:len(images)]):
-            gd = {"image": g} if e["kind"] == "t2i" else {"target": g, "source": next(src_iter)}
-            items.append(sequence(model.cfg, pt, e, gd, code_weights))
+        items = [sequence(model.cfg, pt, e, grids, code_weights) for e, grids in pairs]
         ids, pos, targets, weights = (t.to(rt.device) for t in collate(items, pt.pad_id))
         loss, metrics = ar_loss(model, ids, pos, targets, weights)
         return loss, weights.sum(), metrics
@@ -252,7 +283,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
                              "--init")
         texts = []
         for i in range(10 * samples):                       # the first t2i examples' captions
-            e = (held if val else source).get([i])[0]
+            e = (held if val else source).fetch.get([i])[0]
             if e["kind"] == "t2i":
                 texts.append(e["caption"])
             if len(texts) == samples:
