@@ -371,20 +371,25 @@ class Request:
     """Everything one generation needs beyond the weights: positions, padding mask, KV cache. Built once."""
 
     def __init__(self, model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
-                 target_grids: list[tuple[int, int]], attention_mask: Tensor | None = None):
+                 target_grids: list[tuple[int, int]], attention_mask: Tensor | None = None, bucket: int = 1):
+        """bucket: the cache, rope tables and masks hold T rounded up to a multiple of it (the slots past T are
+        never written or attended): compiled decode code, specialised to shapes, then serves prompts of other
+        lengths."""
         cfg, weight = model.cfg, model.lm_head.weight
         B, S = input_ids.shape
         if attention_mask is not None and not attention_mask[:, -1].bool().all():
             raise ValueError("only left padding is supported: every prompt must end at the last column")
         self.prompt_len, self.n_new = S, sum(h * w for h, w in target_grids)
         T = S + self.n_new
+        L = T + -T % bucket                                             # slots held
         self.pos = build_positions(cfg, input_ids, attention_mask, ref_grids, target_grids)  # (3, B, T)
-        self.key_valid = None                                           # (B, T) bool, only for padded batches
+        self.key_valid = None                                           # (B, L) bool, only for padded batches
         if attention_mask is not None and not attention_mask.bool().all():
-            self.key_valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            self.key_valid = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
             self.key_valid[:, :S] = attention_mask.bool()
-        self.cache = KVCache(cfg, B, T, weight.device, weight.dtype)
-        self.rope = mrope_cos_sin(cfg, self.pos, weight.dtype)         # cos, sin (B, T, R): once per request
+        self.cache = KVCache(cfg, B, L, weight.device, weight.dtype)
+        cos, sin = mrope_cos_sin(cfg, self.pos, weight.dtype)          # (B, T, R) each: once per request
+        self.rope = (F.pad(cos, (0, 0, 0, L - T)), F.pad(sin, (0, 0, 0, L - T)))   # (B, L, R)
 
     def prefill_mask(self) -> Tensor | None:
         """(B, 1, S, S): causal over valid keys, and a pad row sees itself so it stays finite. None: causal."""
@@ -424,18 +429,19 @@ class StaticDecode:
 
     def __init__(self, model: ARModel, req: Request, u: Tensor, out: Tensor, temperature: float,
                  top_k: int | None, top_p: float | None):
-        B, T, dev = out.shape[0], req.prompt_len + req.n_new, out.device
+        B, L, dev = out.shape[0], req.cache.k[0].shape[2], out.device
         self.model, self.req, self.u, self.out = model, req, u, out
         self.sampling = (temperature, top_k, top_p)
         self.i = torch.zeros(1, dtype=torch.long, device=dev)           # (1,) index of the token being fed
-        self.slots = torch.arange(T, device=dev)                          # (T,)
-        self.valid = torch.ones(B, T, dtype=torch.bool, device=dev) if req.key_valid is None else req.key_valid
+        self.start = torch.tensor([req.prompt_len], device=dev)           # (1,) a tensor: no code per prompt length
+        self.slots = torch.arange(L, device=dev)                          # (L,)
+        self.valid = torch.ones(B, L, dtype=torch.bool, device=dev) if req.key_valid is None else req.key_valid
 
     def step(self) -> None:
-        t = self.i + self.req.prompt_len                                  # (1,) the fed token's cache slot
+        t = self.i + self.start                                           # (1,) the fed token's cache slot
         token = self.out.index_select(1, self.i)                          # (B, 1)
         rope = (self.req.rope[0].index_select(1, t), self.req.rope[1].index_select(1, t))  # (B, 1, R) each
-        mask = (self.valid & (self.slots <= t))[:, None, None, :]          # (B, 1, 1, T)
+        mask = (self.valid & (self.slots <= t))[:, None, None, :]          # (B, 1, 1, L)
         h = self.model.decoder(token, None, mask, self.req.cache, rope=rope, write_at=t)  # (B, 1, dim)
         logits = self.model.lm_head(h[:, -1])                             # (B, V)
         u = self.u.index_select(1, self.i + 1)[:, 0]                      # (B,)
@@ -444,6 +450,7 @@ class StaticDecode:
         self.i.add_(1)
 
 
+DECODE_BUCKET = 128     # compile: the static cache holds prompt + new tokens rounded up to this (one code per bucket)
 _frozen: "weakref.WeakKeyDictionary[ARModel, Callable]" = weakref.WeakKeyDictionary()
 _shared: dict[str, Callable] = {}
 
@@ -527,7 +534,8 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     seed: a CPU generator draws one uniform per generated token up front, so a seed gives the same tokens on any
     device (up to logit rounding); a list gives row b its own generator (seed[b]: row b then samples what it would
     alone with that seed); None draws from torch's global CPU generator. temperature=0 is greedy.
-    compile: run the decode step through torch.compile (static shapes: the whole cache with a mask). freeze (CPU):
+    compile: run the decode step through torch.compile (static shapes: the whole cache with a mask, its length
+    rounded up to DECODE_BUCKET so that prompts of other lengths reuse the compiled step). freeze (CPU):
     weights frozen into it (faster, a packed copy held per model object) or left as inputs (one compiled step for
     every model object of these shapes: an AR read from disk again reuses it).
     cuda_graph: run the decode step on static buffers (`StaticDecode`), captured as one CUDA graph replayed per
@@ -537,7 +545,7 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     """
     B, device = input_ids.shape[0], input_ids.device
     t0 = time.perf_counter()
-    req = Request(model, input_ids, ref_grids, target_grids, attention_mask)
+    req = Request(model, input_ids, ref_grids, target_grids, attention_mask, DECODE_BUCKET if compile else 1)
     if isinstance(seed, (list, tuple)):
         if len(seed) != B:
             raise ValueError(f"seed: need one per prompt ({B}), got {len(seed)}")

@@ -457,12 +457,13 @@ class DiT(nn.Module):
         return unpatchify(x, H // p, W // p, p)  # [B, C, H, W]
 
     @staticmethod
-    def batch_cfg(cond: Context, uncond: Context) -> Context:
+    def batch_cfg(cond: Context, uncond: Context, masked: bool = False) -> Context:
         """Both CFG branches as one batch [cond; uncond] (t2i: neither has a reference prefix).
 
         The shorter glyph sequences are right-padded with zero rows that attention leaves out (per branch,
-        `text_groups`; a key mask where the conditional prompts differ in length), so each row computes exactly
-        what its own forward would; with equal lengths (prompts without quotes) nothing is left out."""
+        `text_groups`; a key mask where the conditional prompts differ in length, or always with `masked`: a
+        compiled DiT then sees a tensor, not text lengths baked into its code), so each row computes exactly what
+        its own forward would; with equal lengths (prompts without quotes) nothing is left out."""
         assert cond.ref_kv is None and uncond.ref_kv is None, "batched CFG is for branches without a prefix"
         B, N, D = cond.txt.shape[0], cond.prior.shape[1], cond.txt.shape[2]
         Tc, Tu = cond.txt.shape[1], uncond.txt.shape[1]
@@ -475,7 +476,7 @@ class DiT(nn.Module):
             return ctx.txt_len if ctx.txt_len is not None else torch.full((B,), n, device=txt.device)
 
         txt_len = torch.cat([lengths(cond, Tc), lengths(uncond, Tu)])  # [2B]
-        groups = text_groups(txt_len, T)
+        groups = None if masked else text_groups(txt_len, T)
         return Context(txt, prior, cond.rope, None, None if groups else text_key_mask(txt_len, T, N), txt_len, groups)
 
     def prefix_buffers(self, ref_kv: list[KV], batch: int, num_new: int) -> list[KV]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from glmimage import loading
@@ -119,6 +120,9 @@ def _shared_velocity() -> Callable:
     return torch.compile(DiT.velocity, dynamic=False)
 
 
+GLYPH_BUCKET = 32   # compiled: glyph sequences padded to a multiple of this, so a new prompt rarely recompiles
+
+
 def int8_parts(int8: bool | str | None) -> frozenset[str]:
     """Pipeline's int8 option -> the stages quantized: False/None none, True or "ar" the AR, "dit", or "all"."""
     if not int8:
@@ -133,20 +137,21 @@ def int8_parts(int8: bool | str | None) -> frozenset[str]:
 def sample_latents(dit: DiT, noise: torch.Tensor, glyph: torch.Tensor, glyph_len: torch.Tensor | None,
                    glyph_neg: torch.Tensor, prior: torch.Tensor, grid_hw: tuple[int, int], mods, timesteps, sigmas,
                    guidance: float, ref_kv=None, callback=None, step_cache: float = 0.0,
-                   forward: Callable | None = None) -> tuple[torch.Tensor, int]:
+                   forward: Callable | None = None, masked: bool = False) -> tuple[torch.Tensor, int]:
     """Flow matching from noise [B, C, h, w] to fp32 latents with the DiT: glyph [B, T, Dt] (glyph_len [B]) and the
     prior ids [B, N] condition the first branch, glyph_neg and the dropped prior the CFG one (guidance > 1); mods
     every step's StepModulation ([steps, ...], DiT.modulation); ref_kv an edit's reference prefix (the conditional
     branch only; t2i runs both branches as one batch). step_cache > 0: dit.StepCache per branch call. forward: the
-    velocity to call (default dit.velocity; a compiled form). Returns (latents, steps skipped by the cache)."""
+    velocity to call (default dit.velocity; a compiled form). masked: padded text always under a key mask
+    (DiT.batch_cfg), for compiled code. Returns (latents, steps skipped by the cache)."""
     B = noise.shape[0]
-    ctx_c = dit.context(glyph, prior, False, grid_hw, txt_len=glyph_len)
+    ctx_c = dit.context(glyph, prior, False, grid_hw, ref_kv, txt_len=glyph_len)   # (a text mask spans the prefix)
     ctx_u = dit.context(glyph_neg, prior, True, grid_hw) if guidance > 1 else None
     if ref_kv is not None:                # conditional branch only; prefix preallocated, tail written per step
         num_new = ctx_c.txt.shape[1] + grid_hw[0] * grid_hw[1]
         ctx_c = ctx_c._replace(ref_kv=dit.prefix_buffers(ref_kv, B, num_new))
     batch_cfg = ctx_u is not None and ref_kv is None          # t2i: both branches in one forward
-    ctx_cfg = dit.batch_cfg(ctx_c, ctx_u) if batch_cfg else None
+    ctx_cfg = dit.batch_cfg(ctx_c, ctx_u, masked) if batch_cfg else None
     forward = forward or dit.velocity
     caches = {}                           # per branch call (None: both in one batch; True / False)
     if step_cache > 0:
@@ -508,6 +513,9 @@ class Pipeline:
         # 2. glyph embeddings of the quoted text; the unconditional branch always gets ""
         with self._stage("glyph", timings) as glyph_encoder:
             glyph, glyph_len = glyph_encoder.encode(prompts)                                # [B, T, D], [B]
+            if self.compiled:         # compiled code is specialised to shapes: T rounded up (the rows masked)
+                T = glyph.shape[1]
+                glyph = F.pad(glyph, (0, 0, 0, -T % GLYPH_BUCKET))                          # [B, T', D]
             glyph_neg, _ = glyph_encoder.encode([""] * B)                                   # [B, 1, D]
         del glyph_encoder             # with offload this was the last reference: the encoder is freed here
 
@@ -544,7 +552,8 @@ class Pipeline:
         shared = self._dit_compiled_unfrozen
         x, skipped = sample_latents(dit, noise.to(self.device), *glyph, glyph_neg, prior, grid_hw, mods, timesteps,
                                     sigmas, guidance, ref_kv, callback, step_cache,
-                                    functools.partial(_shared_velocity(), dit) if shared else dit.velocity)
+                                    functools.partial(_shared_velocity(), dit) if shared else dit.velocity,
+                                    masked=self.compiled)
         if timings is not None and step_cache > 0:
             timings["dit_steps_cached"] = skipped
         return x

@@ -41,3 +41,12 @@ def test_step_cache_script(debug_ckpt, tmp_path):
     results = json.loads(out.read_text())["results"]
     assert results["0.0"]["steps_cached"] == 0 and results["0.0"]["max_abs"] == 0      # the exact pipeline
     assert 0 < results["0.9"]["steps_cached"] < 6 and results["0.9"]["max_abs"] > 0
+
+
+def test_compile_reuse_script(debug_ckpt, tmp_path):
+    """A compiled pipeline (frozen weights on a CPU) serves prompts of other lengths and quoted texts without
+    compiling again."""
+    out = tmp_path / "reuse.json"
+    _run("compile_reuse.py", "--model", str(debug_ckpt), "--size", "64", "--steps", "2", "--out", str(out))
+    prompts = json.loads(out.read_text())["prompts"]
+    assert prompts[0]["new_graphs"] >= 2 and all(p["new_graphs"] == 0 for p in prompts[1:])

@@ -92,7 +92,13 @@ def test_compile_with_offload_on_cpu(debug_ckpt, pipe):
     assert graphs >= before + 2                                         # the decode step and the DiT velocity
     again = np.asarray(fast(PROMPT, **kw)[0], dtype=int)                # new module objects, the same graphs
     assert counters["stats"]["unique_graphs"] == graphs
-    assert len(loaded) == 10 and all(r() is None for r in loaded)      # 5 per image: the DiT in two parts
+    # another prompt length and another quoted text: the decode cache and the glyph rows are bucketed, so the same
+    # graphs serve it too
+    other = "a sign that says 'OPEN 24 HOURS' in green"
+    other_images = [np.asarray(p(other, **kw)[0], dtype=int) for p in (pipe, fast)]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert np.abs(other_images[0] - other_images[1]).max() <= 1
+    assert len(loaded) == 15 and all(r() is None for r in loaded)      # 5 per image: the DiT in two parts
     assert np.abs(got - want).max() <= 1 and np.array_equal(got, again)
     ref = Image.fromarray(want.astype(np.uint8))                        # an edit: the reference KV prefix
     edits = [np.asarray(p("make the background cream", image=ref, **kw)[0], dtype=int) for p in (pipe, fast)]
