@@ -1,7 +1,7 @@
 """Does a compiled pipeline serve new prompts without compiling again? Per prompt: new dynamo graphs and seconds.
 
 Compiled code is specialised to shapes; the AR's static decode cache is rounded up to `ar.DECODE_BUCKET` slots and
-the DiT's glyph rows to `pipeline.GLYPH_BUCKET`, so prompts of other lengths (and other quoted text) reuse it.
+the DiT's glyph rows to `pipeline.glyph_rows`, so prompts of other lengths (and other quoted text) reuse it.
 
     python benchmarks/compile_reuse.py --model ~/.cache/glmimage/random-medium --size 256 --steps 8
 """

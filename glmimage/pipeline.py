@@ -120,7 +120,12 @@ def _shared_velocity() -> Callable:
     return torch.compile(DiT.velocity, dynamic=False)
 
 
-GLYPH_BUCKET = 32   # compiled: glyph sequences padded to a multiple of this, so a new prompt rarely recompiles
+def glyph_rows(T: int) -> int:
+    """A compiled DiT's glyph rows for T of them: T when at most one (no quoted text: nothing to pad, the most
+    common case), else T rounded up to a multiple of 16 (a quoted word or two: one shape; at most 15 padding rows,
+    6% more tokens at 256², 0.4% at 1024²)."""
+    return T if T <= 1 else T + -T % 16
+
 
 
 def int8_parts(int8: bool | str | None) -> frozenset[str]:
@@ -514,8 +519,7 @@ class Pipeline:
         with self._stage("glyph", timings) as glyph_encoder:
             glyph, glyph_len = glyph_encoder.encode(prompts)                                # [B, T, D], [B]
             if self.compiled:         # compiled code is specialised to shapes: T rounded up (the rows masked)
-                T = glyph.shape[1]
-                glyph = F.pad(glyph, (0, 0, 0, -T % GLYPH_BUCKET))                          # [B, T', D]
+                glyph = F.pad(glyph, (0, 0, 0, glyph_rows(glyph.shape[1]) - glyph.shape[1]))  # [B, T', D]
             glyph_neg, _ = glyph_encoder.encode([""] * B)                                   # [B, 1, D]
         del glyph_encoder             # with offload this was the last reference: the encoder is freed here
 
