@@ -371,11 +371,13 @@ StepFn = Callable[[int, torch.Generator], tuple[Tensor, Tensor | float, dict]]
 
 class Validation(NamedTuple):
     """A held-out loss logged as `val_loss` every `every` steps and at the end of each part: fn(b) -> (loss, weight,
-    metrics) of this process's rows of held-out batch b (as a step_fn, with fixed randomness), for b < batches."""
+    metrics) of this process's rows of held-out batch b (as a step_fn, with fixed randomness), for b < batches.
+    cache: the stage's held-out examples, when it keeps them (the decoder's latents, which its samples reuse)."""
 
     batches: int
     every: int
     fn: Callable[[int], tuple[Tensor, Tensor | float, dict]]
+    cache: dict | None = None
 
 
 class Sampling(NamedTuple):
@@ -559,19 +561,20 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
     peak_memory = peak_memory if rt.device.type != "cpu" else None
     end = steps if stop_at is None else min(steps, stop_at)
 
+    def swap_ema() -> None:
+        for p, e in zip(trainable, ema):
+            held = p.detach().clone()
+            p.copy_(e), e.copy_(held)
+
     @contextmanager
     def averaged():
         """The moving average in the trainable weights for a while (swapped in place, then back)."""
         with torch.no_grad():
-            for p, e in zip(trainable, ema):
-                held = p.detach().clone()
-                p.copy_(e), e.copy_(held)
+            swap_ema()
             try:
                 yield
             finally:
-                for p, e in zip(trainable, ema):
-                    held = p.detach().clone()
-                    p.copy_(e), e.copy_(held)
+                swap_ema()
 
     def validate() -> float:
         """The held-out loss: sum(loss * weight) / sum(weight) over every batch, micro-batch and process."""

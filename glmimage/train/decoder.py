@@ -153,9 +153,7 @@ def epoch_batches(sizes: Tensor | None, n: int, batch: int, seed: int, epoch: in
     partial batch waits for no one (dropped this epoch; another permutation next). With one size these are the
     permutation's consecutive chunks. The count per epoch, sum over sizes of n_size // batch, never changes."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7777 + epoch)).tolist()
-    if sizes is None or len(set(map(tuple, sizes.tolist()))) == 1:
-        return [perm[k * batch:(k + 1) * batch] for k in range(n // batch)]
-    keys = list(map(tuple, sizes.tolist()))
+    keys = [None] * n if sizes is None else list(map(tuple, sizes.tolist()))
     pending: dict[tuple, list[int]] = {}
     out = []
     for i in perm:
@@ -314,9 +312,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
 
     sampling = None
     if samples:
-        vcache = torch.load(Path(out) / "decoder" / "val_cache.pt", weights_only=False) if val else cache
         sampling = Sampling(sample_every or cfg.ckpt_every, sample_images(
-            preset, out, dit, glyph, vcache, samples, rt, root))
+            preset, out, dit, glyph, validation.cache if val else cache, samples, rt, root))
 
     return train_loop("decoder", out, models, trainable, step_fn, cfg, seed, steps, resume,
                       plot_keys=["loss", "mse", "val_loss"], progress=progress, stop_at=stop_at, rt=rt,
@@ -346,7 +343,8 @@ def held_out_loss(preset: TrainPreset, out: Path, data: str, val_data: str | Non
         raise ValueError(f"--val must hold at least one batch of {cfg.batch} examples of one size, got "
                          f"{len(cache['text'])}")
     return Validation(len(batches), every,
-                      lambda b: loss_fn(cache, batches[b], torch.Generator().manual_seed(VAL_SEED_OFFSET + b)))
+                      lambda b: loss_fn(cache, batches[b], torch.Generator().manual_seed(VAL_SEED_OFFSET + b)),
+                      cache)
 
 
 def sample_images(preset: TrainPreset, out: Path, dit: DiT, glyph: GlyphEncoder, cache: dict, n: int, rt: Runtime,
