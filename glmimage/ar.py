@@ -371,17 +371,18 @@ class Request:
     """Everything one generation needs beyond the weights: positions, padding mask, KV cache. Built once."""
 
     def __init__(self, model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int, int]],
-                 target_grids: list[tuple[int, int]], attention_mask: Tensor | None = None, bucket: int = 1):
-        """bucket: the cache, rope tables and masks hold T rounded up to a multiple of it (the slots past T are
-        never written or attended): compiled decode code, specialised to shapes, then serves prompts of other
-        lengths."""
+                 target_grids: list[tuple[int, int]], attention_mask: Tensor | None = None, bucket: int = 1,
+                 slack: int = 0):
+        """bucket: the cache, rope tables and masks hold T (+ slack) rounded up to a multiple of it (the slots past
+        T are never attended by a kept token): compiled decode code, specialised to shapes, then serves prompts of
+        other lengths. slack: slots a speculative forward may write past the last token (`SpeculativeDecode`)."""
         cfg, weight = model.cfg, model.lm_head.weight
         B, S = input_ids.shape
         if attention_mask is not None and not attention_mask[:, -1].bool().all():
             raise ValueError("only left padding is supported: every prompt must end at the last column")
         self.prompt_len, self.n_new = S, sum(h * w for h, w in target_grids)
         T = S + self.n_new
-        L = T + -T % bucket                                             # slots held
+        L = T + slack + -(T + slack) % bucket                           # slots held
         self.pos = build_positions(cfg, input_ids, attention_mask, ref_grids, target_grids)  # (3, B, T)
         self.key_valid = None                                           # (B, L) bool, only for padded batches
         if attention_mask is not None and not attention_mask.bool().all():
@@ -450,9 +451,67 @@ class StaticDecode:
         self.i.add_(1)
 
 
+class SpeculativeDecode(StaticDecode):
+    """Speculative decoding against a draft: token p is guessed as draft[:, p] (e.g. the preview grid upsampled
+    where the large grid is generated) or, where lag[p] > 0, as the kept token lag[p] before it (the token above,
+    in a grid with no other guess: lag = its width, known while k <= it). `verify()` feeds token i and the k drafted tokens i+1..i+k in one
+    forward (cache slots t..t+k), samples tokens i+1..i+k+1 from its k+1 logits, each with the token's own
+    pre-drawn uniform, keeps the leading run of samples that equal the draft plus the first one after it (in a
+    batch the shortest run over the rows) and advances i by that count, on the device (no host sync).
+
+    A kept token is sampled from the logits of the true prefix with the same uniform that decoding token by token
+    gives it, so the tokens are exactly those of plain decoding (up to the rounding of a k+1-token forward),
+    whatever the draft; a good draft only makes it faster: each forward reads the weights once for up to k+1
+    tokens. out, u and the cache hold k slots of slack past the last token (rewritten before any is kept)."""
+
+    def __init__(self, model: ARModel, req: Request, u: Tensor, out: Tensor, draft: Tensor, lag: Tensor, k: int,
+                 temperature: float, top_k: int | None, top_p: float | None):
+        super().__init__(model, req, u, out, temperature, top_k, top_p)
+        self.draft, self.lag, self.k = draft, lag, k                      # (B, N + k), (N + k,), int
+        self.offsets = torch.arange(k + 1, device=out.device)            # (k+1,)
+
+    def verify(self) -> None:
+        B, k = self.out.shape[0], self.k
+        t = self.i + self.start + self.offsets                              # (k+1,) cache slots of the fed tokens
+        p = self.i + 1 + self.offsets[:k]                                   # (k,) the drafted tokens
+        lag = self.lag.index_select(0, p)                                   # (k,)
+        drafted = torch.where(lag > 0, self.out.index_select(1, p - lag),  # (B, k) guesses of tokens i+1..i+k
+                              self.draft.index_select(1, p))
+        fed = torch.cat([self.out.index_select(1, self.i), drafted], dim=1)  # (B, k+1)
+        rope = (self.req.rope[0].index_select(1, t), self.req.rope[1].index_select(1, t))  # (B, k+1, R) each
+        mask = (self.valid[:, None, :] & (self.slots[None, :] <= t[:, None]))[:, None]    # (B, 1, k+1, L)
+        h = self.model.decoder(fed, None, mask, self.req.cache, rope=rope, write_at=t)   # (B, k+1, dim)
+        logits = self.model.lm_head(h)                                     # (B, k+1, V)
+        u = self.u.index_select(1, self.i + 1 + self.offsets)              # (B, k+1)
+        x = sample_token(logits.flatten(0, 1), u.flatten(), self.model.cfg.boi_id, *self.sampling)
+        x = x.view(B, k + 1)                                               # samples of tokens i+1..i+k+1
+        run = (x[:, :k] == drafted).long().cumprod(dim=1).sum(dim=1)       # (B,) drafts confirmed in a row
+        kept = run.min() + 1                                               # () tokens kept: 1..k+1
+        self.out.index_copy_(1, self.i + 1 + self.offsets, x)              # those past the kept ones: rewritten
+        self.i.add_(kept)
+
+
+def nearest_grid(src: Tensor, h: int, w: int) -> Tensor:
+    """(B, hs, ws) ids -> (B, h, w), nearest neighbour: the preview grid as a guess of the large one."""
+    rows = torch.arange(h, device=src.device) * src.shape[1] // h
+    cols = torch.arange(w, device=src.device) * src.shape[2] // w
+    return src[:, rows][:, :, cols]
+
+
+def reference_ids(cfg: ARConfig, input_ids: Tensor, ref_grids: list[tuple[int, int]]) -> Tensor:
+    """(B, h, w) ids of the last reference image of each prompt (its BOI is the len(ref_grids)-th BOI)."""
+    h, w = ref_grids[-1]
+    rows = []
+    for row in input_ids:
+        boi = (row == cfg.boi_id).nonzero()[:, 0]
+        start = int(boi[len(ref_grids) - 1]) + 1
+        rows.append(row[start:start + h * w].view(h, w))
+    return torch.stack(rows)
+
+
 DECODE_BUCKET = 128     # compile: the static cache holds prompt + new tokens rounded up to this (one code per bucket)
-_frozen: "weakref.WeakKeyDictionary[ARModel, Callable]" = weakref.WeakKeyDictionary()
-_shared: dict[str, Callable] = {}
+_frozen: "weakref.WeakKeyDictionary[ARModel, dict[str, Callable]]" = weakref.WeakKeyDictionary()
+_shared: dict[tuple[str, str], Callable] = {}
 
 # Inductor settings for the decode step on a CPU, measured on the medium preset (2-core Sapphire Rapids, ms per token,
 # eager -> compiled, interleaved in one process): plain compile fp32 47 -> 39 (Python launches ~300 kernels a step);
@@ -481,19 +540,21 @@ def cpu_compile(fn: Callable, options: dict) -> Callable:
     return call
 
 
-def compiled_step(static: StaticDecode, freeze: bool = True):
-    """torch.compile'd StaticDecode.step (recompiles only on new shapes). freeze (CPU only): weights frozen in, one
-    compiled step per model object; otherwise one compiled step shared by every model object."""
-    device = static.out.device.type
+def compiled_step(static: StaticDecode, freeze: bool = True, method: str = "step"):
+    """torch.compile'd `static.<method>` (StaticDecode.step, or SpeculativeDecode.verify; recompiles only on new
+    shapes). freeze (CPU only): weights frozen in, one compiled function per model object; otherwise one shared
+    by every model object."""
+    device, fn = static.out.device.type, getattr(type(static), method)
     if device == "cpu" and freeze:
-        if static.model not in _frozen:
-            _frozen[static.model] = cpu_compile(StaticDecode.step, CPU_COMPILE_OPTIONS)
-        fn = _frozen[static.model]
+        compiled = _frozen.setdefault(static.model, {})
+        if method not in compiled:
+            compiled[method] = cpu_compile(fn, CPU_COMPILE_OPTIONS)
+        fn = compiled[method]
     else:
-        if device not in _shared:
-            _shared[device] = (cpu_compile(StaticDecode.step, CPU_SHARED_OPTIONS) if device == "cpu"
-                               else torch.compile(StaticDecode.step, dynamic=False))
-        fn = _shared[device]
+        if (device, method) not in _shared:
+            _shared[device, method] = (cpu_compile(fn, CPU_SHARED_OPTIONS) if device == "cpu"
+                                       else torch.compile(fn, dynamic=False))
+        fn = _shared[device, method]
     return lambda: fn(static)
 
 
@@ -524,7 +585,7 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
                    target_grids: list[tuple[int, int]], *, temperature: float = 0.9, top_k: int | None = 50,
                    top_p: float | None = 0.75, seed: int | list[int] | None = None,
                    attention_mask: Tensor | None = None, compile: bool = False, freeze: bool = True,
-                   cuda_graph: bool = False,
+                   cuda_graph: bool = False, speculate: int = 0,
                    on_grid: Callable[[int, Tensor], None] | None = None,
                    timings: dict | None = None) -> list[Tensor]:
     """Sample one (B, h, w) grid of VQ ids per target grid, in generation order (t2i: [preview, large]; i2i: [large]).
@@ -540,55 +601,79 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     every model object of these shapes: an AR read from disk again reuses it).
     cuda_graph: run the decode step on static buffers (`StaticDecode`), captured as one CUDA graph replayed per
     token on a CUDA device (elsewhere the same step runs eagerly: the work the graph holds, testable anywhere).
+    speculate: k > 0 verifies k drafted tokens per forward (`SpeculativeDecode`) in every grid that has a draft: a
+    grid after the first is drafted by the grid before it (t2i: the preview, upsampled, drafts the large grid), the
+    first grid of an edit by the last reference image (resized): the same tokens, fewer forwards when the draft is
+    often right. Each forward is one host sync (to know how far it got).
     on_grid(k, grid (B, h, w)) runs as soon as target grid k is complete (t2i: the preview, before the large grid).
-    timings, if a dict, gets ar_prefill, ar_decode (seconds), ar_new_tokens and ar_decode_tokens_per_s.
+    timings, if a dict, gets ar_prefill, ar_decode (seconds), ar_new_tokens, ar_decode_tokens_per_s and
+    ar_decode_forwards (one per token without speculate).
     """
+    if not isinstance(speculate, int) or speculate < 0:
+        raise ValueError(f"speculate must be an int >= 0 (drafted tokens verified per forward), got {speculate!r}")
     B, device = input_ids.shape[0], input_ids.device
     t0 = time.perf_counter()
-    req = Request(model, input_ids, ref_grids, target_grids, attention_mask, DECODE_BUCKET if compile else 1)
+    req = Request(model, input_ids, ref_grids, target_grids, attention_mask, DECODE_BUCKET if compile else 1,
+                  slack=speculate)
     if isinstance(seed, (list, tuple)):
         if len(seed) != B:
             raise ValueError(f"seed: need one per prompt ({B}), got {len(seed)}")
         u = torch.cat([torch.rand(1, req.n_new, generator=torch.Generator().manual_seed(s)) for s in seed])
     else:
         u = torch.rand(B, req.n_new, generator=None if seed is None else torch.Generator().manual_seed(seed))
-    u = u.to(device)                                                    # (B, N), row b = sample b's draws
-    out = torch.empty(B, req.n_new, dtype=torch.long, device=device)
+    u = F.pad(u, (0, speculate)).to(device)                             # (B, N + k), row b = sample b's draws
+    out = torch.zeros(B, req.n_new + speculate, dtype=torch.long, device=device)
     ends = [sum(h * w for h, w in target_grids[:k + 1]) for k in range(len(target_grids))]
     logits = prefill(model, req, input_ids)
     out[:, 0] = sample_token(logits, u[:, 0], model.cfg.boi_id, temperature, top_k, top_p)
     if timings is not None:
         sync(device)
         t1 = time.perf_counter()
+    sampling = (temperature, top_k, top_p)
     step = None
-    if compile or cuda_graph:
-        static = StaticDecode(model, req, u, out, temperature, top_k, top_p)
+    if speculate:       # every grid goes through verify (one compiled function / graph)
+        draft = torch.zeros_like(out)                                   # (B, N + k), filled grid by grid
+        lag = torch.zeros(out.shape[1], dtype=torch.long)              # (N + k,) 0: read draft
+        for g, (h, w) in enumerate(target_grids):                       # no other guess: the token above
+            if g == 0 and not ref_grids and speculate <= w:
+                lag[ends[g] - h * w + w:ends[g]] = w
+        static = SpeculativeDecode(model, req, u, out, draft, lag.to(device), speculate, *sampling)
+        step = compiled_step(static, freeze, "verify") if compile else static.verify
+    elif compile or cuda_graph:
+        static = StaticDecode(model, req, u, out, *sampling)
         step = compiled_step(static, freeze) if compile else static.step
-        if cuda_graph and device.type == "cuda" and req.n_new > 1:
-            # the warm-up run fed token 0 and wrote token 1; rewind i (the replays rewrite the same slots)
-            step = capture_graph(step)
-            static.i.zero_()
-    for i in range(1, req.n_new + 1):
-        if on_grid is not None and i in ends:                           # tokens [0, i) are written
-            k = ends.index(i)
-            h, w = target_grids[k]
-            on_grid(k, out[:, i - h * w:i].view(B, h, w))
-        if i == req.n_new:                                              # the last token is never fed back
-            break
-        if step is not None:
-            step()                                                      # feeds token i-1, writes token i
-        else:
-            logits = decode_step(model, req, out[:, i - 1], i - 1)
-            out[:, i] = sample_token(logits, u[:, i], model.cfg.boi_id, temperature, top_k, top_p)
-    grids, start = [], 0
-    for h, w in target_grids:
-        grids.append(out[:, start:start + h * w].view(B, h, w))
-        start += h * w
+    if cuda_graph and device.type == "cuda" and req.n_new > 1:
+        # the warm-up run fed token 0 and wrote from token 1 on; rewind i (the replays rewrite the same slots)
+        step = capture_graph(step)
+        static.i.zero_()
+    n, forwards = 1, 0                                                  # tokens written, decode forwards
+    for g, (h, w) in enumerate(target_grids):
+        start, end = ends[g] - h * w, ends[g]
+        if speculate and (g > 0 or ref_grids) and n < end:
+            hs, ws = target_grids[g - 1] if g > 0 else ref_grids[-1]
+            src = (out[:, start - hs * ws:start].view(B, hs, ws) if g > 0    # (B, hs, ws)
+                   else reference_ids(model.cfg, input_ids, ref_grids))
+            draft[:, start:end] = nearest_grid(src, h, w).flatten(1)
+        while n < end:                                                  # feeds token n-1, writes token n (on)
+            if speculate:
+                step()
+                n = int(static.i) + 1                                   # the host sync of a speculative forward
+            elif step is not None:
+                step()
+                n += 1
+            else:
+                logits = decode_step(model, req, out[:, n - 1], n - 1)
+                out[:, n] = sample_token(logits, u[:, n], model.cfg.boi_id, *sampling)
+                n += 1
+            forwards += 1
+        if on_grid is not None:
+            on_grid(g, out[:, start:end].view(B, h, w))
+    grids = [out[:, e - h * w:e].view(B, h, w) for e, (h, w) in zip(ends, target_grids)]
     if timings is not None:
         sync(device)
         t2 = time.perf_counter()
         timings.update(ar_prefill=t1 - t0, ar_decode=t2 - t1, ar_new_tokens=req.n_new,
-                       ar_decode_tokens_per_s=(req.n_new - 1) / max(t2 - t1, 1e-9))
+                       ar_decode_tokens_per_s=(req.n_new - 1) / max(t2 - t1, 1e-9), ar_decode_forwards=forwards)
     return grids
 
 

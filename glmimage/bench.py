@@ -242,7 +242,8 @@ def worker_ours(args, device, dtype) -> dict:
         t = time.perf_counter()
         image = pipe(PROMPT if batch == 1 else [PROMPT] * batch, height=args.height, width=args.width,
                      num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                     prior_token_ids=prior, step_cache=args.step_cache, timings=timings)[0]
+                     prior_token_ids=prior, step_cache=args.step_cache, speculate=args.speculate,
+                     timings=timings)[0]
         sync(device)
         timings["total"] = time.perf_counter() - t
         if batch > 1:                                # one batch of `batch` images (seeds seed..seed+batch-1)
@@ -257,7 +258,8 @@ def worker_ours(args, device, dtype) -> dict:
     impl = (f"glmimage ({dtype}{int8}{', offload' if args.offload else ''}"
             f"{', no CUDA graph' if args.eager and device.type == 'cuda' else ''}{', compiled' if args.compile else ''}"
             f"{f', batch of {args.batch}' if args.batch > 1 else ''}"
-            f"{f', step cache {args.step_cache:g}' if args.step_cache else ''})")
+            f"{f', step cache {args.step_cache:g}' if args.step_cache else ''}"
+            f"{f', speculate {args.speculate}' if args.speculate else ''})")
     out = {"impl": impl, "load_s": load_s, "first_image_s": first[0] if first else None, "stages": stages,
            "image": image, "batch": args.batch,
            "grid": stages.pop("grid"), **peak_memory(device, measured)}    # before the floor probe allocates its own
@@ -295,7 +297,7 @@ def worker_main(args) -> None:
 
 def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = None, int8: str | None = None,
           offload: bool = False, batch: int = 1, eager: bool = False, compile: bool = False,
-          step_cache: float = 0.0) -> dict:
+          step_cache: float = 0.0, speculate: int = 0) -> dict:
     """Run one worker in a fresh process. A failed worker is reported ({"error": ...}), not fatal: the other
     implementations still run (on a rented GPU, one crash should not cost the whole run)."""
     cmd = [sys.executable, "-m", "glmimage.bench", "--worker", worker, "--model", str(args.model),
@@ -315,6 +317,8 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
         cmd += ["--batch", str(batch)]
     if step_cache:
         cmd += ["--step-cache", str(step_cache)]
+    if speculate:
+        cmd += ["--speculate", str(speculate)]
     if eager:
         cmd += ["--eager"]
     print("$", " ".join(cmd[1:]), flush=True)
@@ -335,8 +339,8 @@ def image_diff(a: str, b: str) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["ar_prefill", "ar_decode", "ar_decode_tokens_per_s", "glyph", "dit", "dit_per_step", "dit_steps_cached",
-            "vae", "total", "s_per_image"]
+    rows = ["ar_prefill", "ar_decode", "ar_decode_tokens_per_s", "ar_decode_forwards", "glyph", "dit",
+            "dit_per_step", "dit_steps_cached", "vae", "total", "s_per_image"]
     names = list(results)
     lines = [f"{'stage':<24}" + "".join(f"{n:>22}" for n in names)]
     for r in rows:
@@ -370,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                                                    "'+int8all' both), '+offload' stage residency, "
                                                    "'+batchN' N prompts in one call (throughput), '+eager' no CUDA "
                                                    "graph for the AR decode, '+compile' torch.compile (as "
-                                                   "--compile), '+cacheT' the DiT step cache at threshold T, e.g. "
+                                                   "--compile), '+cacheT' the DiT step cache at threshold T, '+specK' "
+                                                   "speculative AR decoding, K guesses per forward, e.g. "
                                                    "float32+offload,bfloat16+int8,bfloat16+batch4,bfloat16+compile; a compiled "
                                                    "variant always gets a warm-up, its first image reported as "
                                                    "first_image_s; 'none': the reference alone)")
@@ -391,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--step-cache", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--speculate", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args)
@@ -400,17 +406,19 @@ def main(argv: list[str] | None = None) -> None:
         dt, *flags = variant.split("+")
         batch = [int(f[5:]) for f in flags if f.startswith("batch") and f[5:].isdigit() and int(f[5:]) > 0]
         cache = [f for f in flags if re.fullmatch(r"cache(0?\.\d+)", f)]
+        spec = [f for f in flags if re.fullmatch(r"spec[1-9]\d*", f)]
         int8 = {"int8": "ar", "int8dit": "dit", "int8all": "all"}
         unknown = (set(flags) - {"offload", "eager", "compile"} - set(int8) - {f"batch{b}" for b in batch}
-                   - set(cache))
+                   - set(cache) - set(spec))
         if unknown:
             raise ValueError(f"unknown variant flags {sorted(unknown)}; valid: int8, int8dit, int8all, offload, "
-                             "eager, compile, batchN (N >= 1), cacheT (0 < T < 1, e.g. cache0.1)")
+                             "eager, compile, batchN (N >= 1), cacheT (0 < T < 1, e.g. cache0.1), specK (K >= 1)")
         variants.append((variant, dt, dict(int8=next((int8[f] for f in flags if f in int8), None),
                                            offload="offload" in flags,
                                            batch=batch[0] if batch else 1, eager="eager" in flags,
                                            compile="compile" in flags,
-                                           step_cache=float(cache[0][5:]) if cache else 0.0)))
+                                           step_cache=float(cache[0][5:]) if cache else 0.0,
+                                           speculate=int(spec[0][4:]) if spec else 0)))
     if args.model is None:
         from glmimage.cli import pick_device
         from glmimage.random_checkpoint import make_random_checkpoint

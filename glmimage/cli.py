@@ -65,6 +65,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-cache", type=float, default=0.0, metavar="T",
                    help="skip the DiT's blocks after the first at steps whose first-block output moved less than T "
                         "(relative) since the last full step, e.g. 0.1 (faster, approximate; 0 = off)")
+    p.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="decode the AR speculatively: K guessed tokens (the preview upsampled, an edit's reference) "
+                        "verified per forward; the same tokens, fewer forwards (0 = off)")
     p.add_argument("-o", "--output", default="out.png")
     add_runtime_args(p)
 
@@ -88,7 +91,7 @@ def cmd_generate(args, images=None) -> None:
     prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
     out = pipe(prompt, height=height, width=width, image=refs, num_inference_steps=args.steps,
                guidance_scale=args.guidance, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-               top_k=args.top_k, step_cache=args.step_cache)
+               top_k=args.top_k, step_cache=args.step_cache, speculate=args.speculate)
     path = Path(args.output)
     paths = [path] if len(out) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(out))]
     for im, p in zip(out, paths):

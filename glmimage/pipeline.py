@@ -406,10 +406,12 @@ class Pipeline:
                      seed: int | list[int] | None = None, temperature: float | None = None,
                      top_p: float | None = None, top_k: int | None = None,
                      ref_ids: list[torch.Tensor] | None = None,
-                     on_grid: Callable[[int, torch.Tensor], None] | None = None,
+                     on_grid: Callable[[int, torch.Tensor], None] | None = None, speculate: int = 0,
                      timings: dict | None = None) -> torch.Tensor:
         """The AR's large grid: LongTensor [th, tw] for a str prompt, [B, th, tw] for a list of B prompts (one
         left-padded batch; row b is what prompt b gives alone with seed[b]). temperature=0 decodes greedily.
+        speculate: k > 0 verifies k guessed tokens per AR forward (the preview upsampled for the large grid, the
+        reference for an edit; ar.SpeculativeDecode): the same tokens, fewer forwards.
 
         on_grid(k, grid) is called as soon as generated grid k is complete (t2i: 0 = preview, 1 = large), with
         [h, w] for a str prompt and [B, h, w] for a list."""
@@ -435,7 +437,7 @@ class Pipeline:
                                    attention_mask=mask.to(self.device) if B > 1 else None,
                                    compile=self.compiled, freeze=not self.offload, timings=timings,
                                    cuda_graph=self.cuda_graph and self.device.type == "cuda",
-                                   on_grid=None if on_grid is None else
+                                   speculate=speculate, on_grid=None if on_grid is None else
                                    lambda k, g: on_grid(k, g[0] if single else g))
         return grids[-1][0] if single else grids[-1]                    # [th, tw] or [B, th, tw]
 
@@ -447,7 +449,7 @@ class Pipeline:
                  prior_token_ids: torch.Tensor | None = None,
                  callback: Callable[[int, torch.Tensor], None] | None = None,
                  on_preview: Callable[[Image.Image], None] | None = None, preview_steps: int = 4,
-                 step_cache: float = 0.0, timings: dict | None = None) -> list[Image.Image]:
+                 step_cache: float = 0.0, speculate: int = 0, timings: dict | None = None) -> list[Image.Image]:
         """prompt (+ reference images for edits) -> images. height/width default to the model's native size.
 
         A list of prompts runs as one batch through every stage (text-to-image) and returns one image per
@@ -456,12 +458,16 @@ class Pipeline:
         receives a low-resolution preview decoded from the t2i preview grid (`preview_steps` Euler steps, no
         CFG) as soon as the AR has written it, before the large grid exists (once per image, in order).
         step_cache > 0 skips the DiT's blocks after the first at steps whose first-block output has moved less than
-        that (relative) since the last full step (dit.StepCache; e.g. 0.1; 0 = off, exact).
+        that (relative) since the last full step (dit.StepCache; e.g. 0.1; 0 = off, exact). speculate: k > 0
+        decodes the AR speculatively, k guessed tokens verified per forward (same tokens; see prior_tokens).
         timings, if a dict, is filled with per-stage seconds."""
         prompts = self._prompts(prompt)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         StepCache(step_cache)                           # a bad threshold fails here, before any work
+        if not isinstance(speculate, int) or speculate < 0:
+            raise ValueError(f"speculate must be an int >= 0 (guessed tokens verified per AR forward), "
+                             f"got {speculate!r}")
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         th, tw = self.check_size(height, width)
@@ -482,7 +488,8 @@ class Pipeline:
                                                    preview_steps, 1.0, seeds):
                             on_preview(im)
             grid = self.prior_tokens(prompts, height, width, seed=seeds, temperature=temperature, top_p=top_p,
-                                     top_k=top_k, ref_ids=ref_ids, on_grid=on_grid, timings=timings)
+                                     top_k=top_k, ref_ids=ref_ids, on_grid=on_grid, speculate=speculate,
+                                     timings=timings)
         else:
             grid = prior_token_ids if prior_token_ids.dim() == 3 else prior_token_ids[None]
             if tuple(grid.shape[1:]) != (th, tw):

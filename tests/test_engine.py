@@ -1,14 +1,19 @@
 """The fast engine keeps the numbers: fused/compiled/quantized/offloaded paths against the plain ones."""
 import weakref
 
+import copy
+import math
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch._dynamo.utils import counters
 
 from glmimage import Pipeline, loading
-from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, generate_prior
+from glmimage.ar import (AR_KEY_PREFIXES, ARConfig, ARModel, Request, SpeculativeDecode, generate_prior,
+                         nearest_grid, prefill)
 from glmimage.glyph import GlyphEncoder
 from glmimage.prompt import collate
 from glmimage.quantize import Int8Linear, quantize_int8
@@ -44,8 +49,9 @@ def test_fused_qkv_same_tokens_and_logits(debug_ckpt, pipe):
 
 @pytest.mark.slow
 def test_compiled_decode_matches_eager(debug_ckpt, pipe):
-    """The compiled step gives the eager tokens, for two models in turn: on a CPU it freezes the weights into the
-    compiled code, so each model must get its own (a second model must not run the first one's weights)."""
+    """The compiled step (and the compiled speculative verify step) gives the eager tokens, for two models in turn:
+    on a CPU it freezes the weights into the compiled code, so each model must get its own (a second model must not
+    run the first one's weights)."""
     req = pipe.prompt_tokenizer.t2i(PROMPT, 64, 64)
     other = _ar(debug_ckpt, True)
     other.lm_head.weight.data.neg_()                                   # different weights, different tokens
@@ -55,6 +61,8 @@ def test_compiled_decode_matches_eager(debug_ckpt, pipe):
             eager = generate_prior(model, req.input_ids, [], req.target_grids, **kw)
             compiled = generate_prior(model, req.input_ids, [], req.target_grids, compile=True, **kw)
             assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
+            spec = generate_prior(model, req.input_ids, [], req.target_grids, compile=True, speculate=3, **kw)
+            assert all(torch.equal(x, y) for x, y in zip(eager, spec))   # the compiled verify step
             seen.append(eager[-1])
     assert not torch.equal(seen[0], seen[2])
 
@@ -132,6 +140,81 @@ def test_static_decode_step_matches_eager(pipe):
         assert all(torch.equal(x, y) for x, y in zip(seen, static))      # grids arrive complete
 
 
+@pytest.fixture(scope="module")
+def ar64(pipe):
+    """The debug AR in float64: a k+1-token forward rounds differently from a one-token one, and the debug model's
+    near-uniform logits have near-ties that a 1e-7 difference reorders (seen in fp32: top-k swapped two codes);
+    in float64 the sampler (fp32) sees the same logits."""
+    return copy.deepcopy(pipe.ar).double()
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_speculative_decode_gives_the_plain_tokens(pipe, ar64, k):
+    """Speculative decoding (k guesses verified per forward) keeps the plain loop's tokens whatever the guesses:
+    text-to-image (the preview drafts the large grid, the token above drafts the preview; k = 8 is wider than the
+    preview) for a left-padded batch with a seed per row, sampled and greedy, grids reaching on_grid complete;
+    and an edit, drafted by its reference."""
+    reqs = [pipe.prompt_tokenizer.t2i(p, 64, 96) for p in (PROMPT, "a red circle")]
+    ids, mask = collate(reqs, pipe.ar_cfg.pad_id)
+    for kw in (dict(temperature=0.9, seed=[3, 4], attention_mask=mask), dict(temperature=0, seed=[0, 0])):
+        plain = generate_prior(ar64, ids, [], reqs[0].target_grids, **kw)
+        seen, timings = [], {}
+        spec = generate_prior(ar64, ids, [], reqs[0].target_grids, speculate=k, timings=timings,
+                              on_grid=lambda g, grid: seen.append(grid.clone()), **kw)
+        assert all(torch.equal(x, y) for x, y in zip(plain, spec)) and len(spec) == 2
+        assert all(torch.equal(x, y) for x, y in zip(seen, spec))
+        assert 0 < timings["ar_decode_forwards"] <= timings["ar_new_tokens"] - 1
+    ref = pipe.encode_references([Image.new("RGB", (96, 64), (200, 30, 30))])
+    edit = pipe.prompt_tokenizer.i2i("make it blue", ref, 64, 96)
+    for kw in (dict(temperature=0.9, seed=5), dict(temperature=0)):
+        plain = generate_prior(ar64, edit.input_ids, edit.ref_grids, edit.target_grids, **kw)
+        spec = generate_prior(ar64, edit.input_ids, edit.ref_grids, edit.target_grids, speculate=k, **kw)
+        assert torch.equal(plain[0], spec[0])
+    with pytest.raises(ValueError, match="speculate"):
+        generate_prior(pipe.ar, edit.input_ids, edit.ref_grids, edit.target_grids, speculate=-1)
+    with pytest.raises(ValueError, match="speculate"):
+        pipe("a red circle", height=64, width=64, speculate=1.5)
+
+
+def test_speculative_verify_keeps_every_right_guess(pipe, ar64):
+    """Guesses equal to the tokens plain decoding gives are all kept: k + 1 tokens per forward."""
+    req = pipe.prompt_tokenizer.t2i(PROMPT, 64, 96)
+    plain = torch.cat([g.flatten(1) for g in generate_prior(ar64, req.input_ids, [], req.target_grids, seed=3,
+                                                            temperature=0.9, top_k=50, top_p=0.75)], dim=1)
+    n, k = plain.shape[1], 3
+    with torch.inference_mode():
+        r = Request(ar64, req.input_ids, [], req.target_grids, slack=k)
+        u = F.pad(torch.rand(1, n, generator=torch.Generator().manual_seed(3)), (0, k))
+        out = torch.zeros(1, n + k, dtype=torch.long)
+        out[:, 0] = plain[:, 0]
+        prefill(ar64, r, req.input_ids)
+        spec = SpeculativeDecode(ar64, r, u, out, F.pad(plain, (0, k)), torch.zeros(n + k, dtype=torch.long), k,
+                                 0.9, 50, 0.75)
+        forwards = 0
+        while int(spec.i) + 1 < n:
+            spec.verify()
+            forwards += 1
+    assert torch.equal(out[:, :n], plain) and forwards == math.ceil((n - 1) / (k + 1))
+    grid = torch.arange(6).view(1, 2, 3)
+    assert nearest_grid(grid, 4, 6).tolist() == [[[0, 0, 1, 1, 2, 2]] * 2 + [[3, 3, 4, 4, 5, 5]] * 2]
+
+
+def test_speculative_decode_on_the_bundled_model():
+    """On the trained bundled model the guesses are often right (its large grid is mostly its preview upsampled):
+    the same image in fewer AR forwards."""
+    bundled = Pipeline.from_pretrained()
+    prompt = "a large red circle at the top left and a small blue star in the center, on a cream background."
+    runs = []
+    for k in (0, 4):
+        timings: dict = {}
+        image = bundled(prompt, seed=2, num_inference_steps=4, speculate=k, timings=timings)[0]
+        runs.append((np.asarray(image), timings))
+    (plain, t0), (spec, t4) = runs
+    assert t0["grid"] == t4["grid"] and np.array_equal(plain, spec)
+    assert t0["ar_decode_forwards"] == t0["ar_new_tokens"] - 1
+    assert t4["ar_decode_forwards"] <= 0.75 * t0["ar_decode_forwards"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_eager_on_cuda(debug_ckpt):
     """On a GPU: the graph-replayed decode gives the eager loop's tokens, and the pipeline uses it by default."""
@@ -143,6 +226,8 @@ def test_cuda_graph_decode_matches_eager_on_cuda(debug_ckpt):
         eager = generate_prior(gpu.ar, ids, [], req.target_grids, **kw)
         graph = generate_prior(gpu.ar, ids, [], req.target_grids, cuda_graph=True, **kw)
         assert all(torch.equal(x, y) for x, y in zip(eager, graph))
+        spec = generate_prior(gpu.ar, ids, [], req.target_grids, cuda_graph=True, speculate=3, **kw)
+        assert all(torch.equal(x, y) for x, y in zip(eager, spec))           # the verify step as a graph
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
