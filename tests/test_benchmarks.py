@@ -51,3 +51,12 @@ def test_compile_reuse_script(debug_ckpt, tmp_path):
     _run("compile_reuse.py", "--model", str(debug_ckpt), "--size", "64", "--steps", "2", "--out", str(out))
     prompts = json.loads(out.read_text())["prompts"]
     assert prompts[0]["new_graphs"] >= 2 and [p["new_graphs"] for p in prompts[2:]] == [0, 0]
+
+
+def test_speculate_script(tmp_path):
+    """On the bundled model: every grid equal to plain decoding's, in fewer forwards."""
+    out = tmp_path / "speculate.json"
+    _run("speculate.py", "--n", "4", "--edits", "2", "--ks", "4", "--repeat", "1", "--out", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert results["t2i:4"]["same_grid"] == "4/4" and results["edit:4"]["same_grid"] == "2/2"
+    assert results["t2i:0"]["tokens_per_forward"] == 1 and results["t2i:4"]["tokens_per_forward"] > 1.2
