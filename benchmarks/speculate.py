@@ -3,8 +3,9 @@
 For each prompt the AR runs plainly (K = 0), then at each K; every run must give the plain run's grid (the report
 counts those that do). Text-to-image prompts are the evaluation's fresh scenes (seed 0): the large grid is guessed as
 the preview upsampled, the preview as the token above. Edits (--edits N) are the evaluation's edit cases, each on a
-render of its source scene: the grid is guessed as the reference's. Reported per K: AR decode forwards and tokens per
-forward, AR decode seconds per prompt (best of --repeat) and the speedup over K = 0.
+render of its source scene: the grid is guessed as the reference's. --batch B runs the text-to-image prompts B at a
+time (one left-padded batch; each row advances on its own). Reported per K: AR decode forwards per call and tokens per
+forward (per row), AR decode seconds per prompt (best of --repeat) and the speedup over K = 0.
 
     python benchmarks/speculate.py --n 40 --edits 24 --ks 2,4,8 --out benchmarks/results/speculate-small-cpu.json
 """
@@ -25,6 +26,7 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     ap.add_argument("--n", type=int, default=40, help="text-to-image prompts")
     ap.add_argument("--edits", type=int, default=24, help="edits")
+    ap.add_argument("--batch", type=int, default=1, help="text-to-image prompts per call")
     ap.add_argument("--ks", default="2,4,8", help="guesses verified per forward (K = 0 always runs first)")
     ap.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per prompt and K (best kept)")
@@ -41,7 +43,9 @@ def main(argv=None) -> None:
         pipe.compile()
     size = args.size or pipe.native_size
     ks = [0] + [int(k) for k in args.ks.split(",")]
-    cases = [("t2i", caption(scene), None) for _, scene in t2i_cases(args.n, 0)]
+    prompts = [caption(scene) for _, scene in t2i_cases(args.n, 0)]
+    cases = [("t2i", prompts[j:j + args.batch] if args.batch > 1 else prompts[j], None)
+             for j in range(0, args.n, args.batch)]
     cases += [("edit", instruction, render(source, size, size)) for _, source, instruction, _ in
               edit_cases(args.edits, 0)]
     for k in ks:                                                    # warm-up (and compile) every K
@@ -62,11 +66,11 @@ def main(argv=None) -> None:
                 best = tm["ar_decode"] if best is None else min(best, tm["ar_decode"])
             plain = grid if k == 0 else plain
             r = rows[kind, k]
-            r["ar_decode_s"].append(best)
+            r["ar_decode_s"].append(best / (len(prompt) if isinstance(prompt, list) else 1))
             r["forwards"].append(tm["ar_decode_forwards"])
             r["tokens"].append(tm["ar_new_tokens"] - 1)
             r["same"].append(bool(torch.equal(grid, plain)))
-    report = {"model": str(pipe.root), "size": size, "n_t2i": args.n, "n_edit": args.edits,
+    report = {"model": str(pipe.root), "size": size, "n_t2i": args.n, "n_edit": args.edits, "batch": args.batch,
               "compiled": args.compile, "temperature": args.temperature or pipe.sampling.temperature,
               "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                         f"{args.dtype}",

@@ -177,7 +177,8 @@ class Attention(nn.Module):
                 kv: tuple[Tensor, Tensor] | None = None, write_at: Tensor | None = None) -> Tensor:
         """rope: `rope_tables` output. mask (B, 1, S, L) bool, True = attend; None = causal (a prompt from slot 0,
         or one new token). kv: this layer's cache slots [0, L), the last S of which are this chunk's; or, with
-        write_at (S,) slot ids, the whole static-length cache (the mask then says which slots count)."""
+        write_at (S,) slot ids (or (B, S): each row's own), the whole static-length cache (the mask then says which
+        slots count)."""
         B, S, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         if hasattr(self, "qkv_proj"):
@@ -193,9 +194,13 @@ class Attention(nn.Module):
             k_cache, v_cache = kv                                                      # (B, K, L, D)
             if write_at is None:
                 k_cache[:, :, -S:], v_cache[:, :, -S:] = k, v
-            else:
+            elif write_at.dim() == 1:                                                  # the same slots per row
                 k_cache.index_copy_(2, write_at, k)
                 v_cache.index_copy_(2, write_at, v)
+            else:                                                                      # (B, S): its own per row
+                at = write_at[:, None, :, None].expand(B, K, S, D)
+                k_cache.scatter_(2, at, k)
+                v_cache.scatter_(2, at, v)
             k, v = k_cache, v_cache
         # GQA: kv head j serves query heads j*H/K .. (j+1)*H/K - 1; scale 1/sqrt(D). Without padding no mask is
         # built, as in the reference: the same SDPA call, bit-identical results (and flash kernels on GPUs)
@@ -251,8 +256,8 @@ class Decoder(nn.Module):
                 start: int = 0, rope: tuple[Tensor, Tensor] | None = None,
                 write_at: Tensor | None = None) -> Tensor:
         """ids (B, S) at cache slots [start, start+S), pos (3, B, S) or its precomputed rope (cos, sin (B, S, R)),
-        mask (B, 1, S, start+S) bool or None (causal) -> hidden (B, S, dim). With write_at (S,) slot ids the
-        cache is used at its full static length (for torch.compile) and mask covers all of it."""
+        mask (B, 1, S, start+S) bool or None (causal) -> hidden (B, S, dim). With write_at (S,) slot ids (or
+        (B, S) per row) the cache is used at its full static length (for torch.compile) and mask covers all of it."""
         assert mask is not None or start == 0 or ids.shape[1] == 1, "a causal chunk after slot 0 needs a mask"
         x = self.embed_tokens(ids)                                       # (B, S, dim)
         cos, sin = mrope_cos_sin(self.cfg, pos, x.dtype) if rope is None else rope  # (B, S, R)
@@ -454,41 +459,43 @@ class StaticDecode:
 class SpeculativeDecode(StaticDecode):
     """Speculative decoding against a draft: token p is guessed as draft[:, p] (e.g. the preview grid upsampled
     where the large grid is generated) or, where lag[p] > 0, as the kept token lag[p] before it (the token above,
-    in a grid with no other guess: lag = its width, known while k <= it). `verify()` feeds token i and the k drafted tokens i+1..i+k in one
-    forward (cache slots t..t+k), samples tokens i+1..i+k+1 from its k+1 logits, each with the token's own
-    pre-drawn uniform, keeps the leading run of samples that equal the draft plus the first one after it (in a
-    batch the shortest run over the rows) and advances i by that count, on the device (no host sync).
+    in a grid with no other guess: lag = its width, known while k <= it). Each row b has its own i[b], the token it
+    feeds next. `verify()` feeds token i and the k guesses of tokens i+1..i+k in one forward (cache slots t..t+k),
+    samples tokens i+1..i+k+1 from its k+1 logits, each with the token's own pre-drawn uniform, keeps the leading
+    run of samples that equal the guesses plus the first one after it, and advances i by that count, row by row,
+    on the device (no host sync). A row that has all n tokens stays at i = n-1.
 
     A kept token is sampled from the logits of the true prefix with the same uniform that decoding token by token
     gives it, so the tokens are exactly those of plain decoding (up to the rounding of a k+1-token forward),
     whatever the draft; a good draft only makes it faster: each forward reads the weights once for up to k+1
-    tokens. out, u and the cache hold k slots of slack past the last token (rewritten before any is kept)."""
+    tokens per row. out, u, draft and the cache hold k+1 slots of slack past the last token (written, never kept)."""
 
     def __init__(self, model: ARModel, req: Request, u: Tensor, out: Tensor, draft: Tensor, lag: Tensor, k: int,
                  temperature: float, top_k: int | None, top_p: float | None):
         super().__init__(model, req, u, out, temperature, top_k, top_p)
-        self.draft, self.lag, self.k = draft, lag, k                      # (B, N + k), (N + k,), int
+        self.draft, self.lag, self.k = draft, lag, k                      # (B, N + k+1), (N + k+1,), int
+        self.i = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)  # (B,) per row
         self.offsets = torch.arange(k + 1, device=out.device)            # (k+1,)
 
     def verify(self) -> None:
-        B, k = self.out.shape[0], self.k
-        t = self.i + self.start + self.offsets                              # (k+1,) cache slots of the fed tokens
-        p = self.i + 1 + self.offsets[:k]                                   # (k,) the drafted tokens
-        lag = self.lag.index_select(0, p)                                   # (k,)
-        drafted = torch.where(lag > 0, self.out.index_select(1, p - lag),  # (B, k) guesses of tokens i+1..i+k
-                              self.draft.index_select(1, p))
-        fed = torch.cat([self.out.index_select(1, self.i), drafted], dim=1)  # (B, k+1)
-        rope = (self.req.rope[0].index_select(1, t), self.req.rope[1].index_select(1, t))  # (B, k+1, R) each
-        mask = (self.valid[:, None, :] & (self.slots[None, :] <= t[:, None]))[:, None]    # (B, 1, k+1, L)
-        h = self.model.decoder(fed, None, mask, self.req.cache, rope=rope, write_at=t)   # (B, k+1, dim)
+        (B, R), k, last = self.req.rope[0].shape[::2], self.k, self.req.n_new - 1
+        fed_at = self.i[:, None] + self.offsets                            # (B, k+1) tokens fed: i..i+k
+        t = fed_at + self.start                                            # (B, k+1) their cache slots
+        p = fed_at[:, 1:]                                                  # (B, k) the guessed tokens
+        lag = self.lag[p]                                                  # (B, k)
+        guess = torch.where(lag > 0, self.out.gather(1, p - lag), self.draft.gather(1, p))  # (B, k)
+        fed = torch.cat([self.out.gather(1, fed_at[:, :1]), guess], dim=1)  # (B, k+1)
+        idx = t[..., None].expand(B, k + 1, R)
+        rope = (self.req.rope[0].gather(1, idx), self.req.rope[1].gather(1, idx))  # (B, k+1, R) each
+        mask = (self.valid[:, None, :] & (self.slots <= t[..., None]))[:, None]  # (B, 1, k+1, L)
+        h = self.model.decoder(fed, None, mask, self.req.cache, rope=rope, write_at=t)  # (B, k+1, dim)
         logits = self.model.lm_head(h)                                     # (B, k+1, V)
-        u = self.u.index_select(1, self.i + 1 + self.offsets)              # (B, k+1)
+        u = self.u.gather(1, fed_at + 1)                                   # (B, k+1)
         x = sample_token(logits.flatten(0, 1), u.flatten(), self.model.cfg.boi_id, *self.sampling)
         x = x.view(B, k + 1)                                               # samples of tokens i+1..i+k+1
-        run = (x[:, :k] == drafted).long().cumprod(dim=1).sum(dim=1)       # (B,) drafts confirmed in a row
-        kept = run.min() + 1                                               # () tokens kept: 1..k+1
-        self.out.index_copy_(1, self.i + 1 + self.offsets, x)              # those past the kept ones: rewritten
-        self.i.add_(kept)
+        run = (x[:, :k] == guess).long().cumprod(dim=1).sum(dim=1)         # (B,) guesses confirmed in a row
+        self.out.scatter_(1, fed_at + 1, x)                                # those past the kept ones: rewritten
+        self.i.copy_(torch.clamp(self.i + run + 1, max=last))              # kept: 1..k+1 tokens per row
 
 
 def nearest_grid(src: Tensor, h: int, w: int) -> Tensor:
@@ -604,7 +611,8 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     speculate: k > 0 verifies k drafted tokens per forward (`SpeculativeDecode`) in every grid that has a draft: a
     grid after the first is drafted by the grid before it (t2i: the preview, upsampled, drafts the large grid), the
     first grid of an edit by the last reference image (resized): the same tokens, fewer forwards when the draft is
-    often right. Each forward is one host sync (to know how far it got).
+    often right; in a batch each row advances by its own count. Each forward is one host sync (to know how far the
+    slowest row got).
     on_grid(k, grid (B, h, w)) runs as soon as target grid k is complete (t2i: the preview, before the large grid).
     timings, if a dict, gets ar_prefill, ar_decode (seconds), ar_new_tokens, ar_decode_tokens_per_s and
     ar_decode_forwards (one per token without speculate).
@@ -613,16 +621,17 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
         raise ValueError(f"speculate must be an int >= 0 (drafted tokens verified per forward), got {speculate!r}")
     B, device = input_ids.shape[0], input_ids.device
     t0 = time.perf_counter()
+    slack = speculate + 1 if speculate else 0                           # a finished row's forward writes past n
     req = Request(model, input_ids, ref_grids, target_grids, attention_mask, DECODE_BUCKET if compile else 1,
-                  slack=speculate)
+                  slack=slack)
     if isinstance(seed, (list, tuple)):
         if len(seed) != B:
             raise ValueError(f"seed: need one per prompt ({B}), got {len(seed)}")
         u = torch.cat([torch.rand(1, req.n_new, generator=torch.Generator().manual_seed(s)) for s in seed])
     else:
         u = torch.rand(B, req.n_new, generator=None if seed is None else torch.Generator().manual_seed(seed))
-    u = F.pad(u, (0, speculate)).to(device)                             # (B, N + k), row b = sample b's draws
-    out = torch.zeros(B, req.n_new + speculate, dtype=torch.long, device=device)
+    u = F.pad(u, (0, slack)).to(device)                                 # (B, N + slack), row b = sample b's draws
+    out = torch.zeros(B, req.n_new + slack, dtype=torch.long, device=device)
     ends = [sum(h * w for h, w in target_grids[:k + 1]) for k in range(len(target_grids))]
     logits = prefill(model, req, input_ids)
     out[:, 0] = sample_token(logits, u[:, 0], model.cfg.boi_id, temperature, top_k, top_p)
@@ -632,8 +641,8 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     sampling = (temperature, top_k, top_p)
     step = None
     if speculate:       # every grid goes through verify (one compiled function / graph)
-        draft = torch.zeros_like(out)                                   # (B, N + k), filled grid by grid
-        lag = torch.zeros(out.shape[1], dtype=torch.long)              # (N + k,) 0: read draft
+        draft = torch.zeros_like(out)                                   # (B, N + slack), filled grid by grid
+        lag = torch.zeros(out.shape[1], dtype=torch.long)              # (N + slack,) 0: read draft
         for g, (h, w) in enumerate(target_grids):                       # no other guess: the token above
             if g == 0 and not ref_grids and speculate <= w:
                 lag[ends[g] - h * w + w:ends[g]] = w
@@ -657,7 +666,7 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
         while n < end:                                                  # feeds token n-1, writes token n (on)
             if speculate:
                 step()
-                n = int(static.i) + 1                                   # the host sync of a speculative forward
+                n = int(static.i.min()) + 1                             # the host sync of a speculative forward
             elif step is not None:
                 step()
                 n += 1

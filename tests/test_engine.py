@@ -177,24 +177,32 @@ def test_speculative_decode_gives_the_plain_tokens(pipe, ar64, k):
 
 
 def test_speculative_verify_keeps_every_right_guess(pipe, ar64):
-    """Guesses equal to the tokens plain decoding gives are all kept: k + 1 tokens per forward."""
-    req = pipe.prompt_tokenizer.t2i(PROMPT, 64, 96)
-    plain = torch.cat([g.flatten(1) for g in generate_prior(ar64, req.input_ids, [], req.target_grids, seed=3,
-                                                            temperature=0.9, top_k=50, top_p=0.75)], dim=1)
+    """Guesses equal to the tokens plain decoding gives are all kept: k + 1 tokens per forward. In a batch each row
+    advances on its own: row 0 (right guesses) finishes after ceil((n-1)/(k+1)) forwards and waits at its last
+    token while row 1 (guesses of 0) goes on; both end with plain decoding's tokens."""
+    reqs = [pipe.prompt_tokenizer.t2i(p, 64, 96) for p in (PROMPT, "a red circle")]
+    ids, mask = collate(reqs, pipe.ar_cfg.pad_id)
+    sampling = dict(temperature=0.9, top_k=50, top_p=0.75)
+    plain = torch.cat([g.flatten(1) for g in generate_prior(ar64, ids, [], reqs[0].target_grids, seed=[3, 4],
+                                                            attention_mask=mask, **sampling)], dim=1)
     n, k = plain.shape[1], 3
     with torch.inference_mode():
-        r = Request(ar64, req.input_ids, [], req.target_grids, slack=k)
-        u = F.pad(torch.rand(1, n, generator=torch.Generator().manual_seed(3)), (0, k))
-        out = torch.zeros(1, n + k, dtype=torch.long)
+        r = Request(ar64, ids, [], reqs[0].target_grids, mask, slack=k + 1)
+        u = torch.cat([torch.rand(1, n, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+        out = torch.zeros(2, n + k + 1, dtype=torch.long)
         out[:, 0] = plain[:, 0]
-        prefill(ar64, r, req.input_ids)
-        spec = SpeculativeDecode(ar64, r, u, out, F.pad(plain, (0, k)), torch.zeros(n + k, dtype=torch.long), k,
-                                 0.9, 50, 0.75)
-        forwards = 0
-        while int(spec.i) + 1 < n:
+        prefill(ar64, r, ids)
+        draft = F.pad(plain, (0, k + 1))
+        draft[1] = 0                                                    # row 1: guesses (almost) always wrong
+        spec = SpeculativeDecode(ar64, r, F.pad(u, (0, k + 1)), out, draft, torch.zeros(n + k + 1, dtype=torch.long),
+                                 k, *sampling.values())
+        fast = math.ceil((n - 1) / (k + 1))
+        for _ in range(fast):
             spec.verify()
-            forwards += 1
-    assert torch.equal(out[:, :n], plain) and forwards == math.ceil((n - 1) / (k + 1))
+        assert spec.i[0] == n - 1 and spec.i[1] < n - 1
+        while int(spec.i.min()) + 1 < n:
+            spec.verify()
+    assert torch.equal(out[:, :n], plain) and spec.i.tolist() == [n - 1, n - 1]
     grid = torch.arange(6).view(1, 2, 3)
     assert nearest_grid(grid, 4, 6).tolist() == [[[0, 0, 1, 1, 2, 2]] * 2 + [[3, 3, 4, 4, 5, 5]] * 2]
 
