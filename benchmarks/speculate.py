@@ -33,12 +33,14 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="compile the decode and verify steps")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--int8", default=None, choices=["ar", "dit", "all"], help="the pipeline's int8 option")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from glmimage.data.scenes import caption, render
     from glmimage.eval_scenes import edit_cases, t2i_cases
     from glmimage.pipeline import Pipeline
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                                    int8=args.int8 or False)
     if args.compile:
         pipe.compile()
     size = args.size or pipe.native_size
@@ -73,7 +75,7 @@ def main(argv=None) -> None:
     report = {"model": str(pipe.root), "size": size, "n_t2i": args.n, "n_edit": args.edits, "batch": args.batch,
               "compiled": args.compile, "temperature": args.temperature or pipe.sampling.temperature,
               "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                        f"{args.dtype}",
+                        f"{args.dtype}{', int8 ' + args.int8 if args.int8 else ''}",
               "results": {}}
     print(f"{'kind':>5} {'K':>3} {'forwards':>9} {'tok/fwd':>8} {'AR decode s':>12} {'speedup':>8} {'same grid':>10}")
     for (kind, k), r in rows.items():
