@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu.sh full    # official sizes, random weights, 1024², 50 steps: ours, then the reference (~9 min)
 #   bash benchmarks/gpu.sh finetune  # fine-tuning the official-size DiT and AR (LoRA, bf16): device memory, s/step
 #   bash benchmarks/gpu.sh parity  # the official-size DiT against the reference's, bf16 and fp32, 1024², 50 steps (~4 min)
-#   bash benchmarks/gpu.sh extras  # official sizes: int8 AR + DiT compiled (memory without offload), the step cache,
-#                                  # the speculative AR's verify forward (~9 min)
+#   bash benchmarks/gpu.sh extras  # official sizes: the speculative AR's verify forward (probe, ~1.5 min), then int8
+#                                  # AR + DiT compiled (memory without offload) and the step cache (~7 min)
 #
 # The machine has PyTorch but no diffusers and an older transformers: the reference versions this repo tests
 # against travel as wheels in .whl/, fetched where pip works with
@@ -91,13 +91,14 @@ elif [ "$mode" = parity ]; then
 elif [ "$mode" = extras ]; then
   # official sizes, random weights, 1024², 50 steps: everything resident with int8 AR and DiT linears (does it fit
   # 24 GB without offload, and does compile fuse the int8 conversion into the decode's GEMV?), and the step cache
-  # at T = 0.1 (random weights do not have a trained DiT's step dynamics: this measures what a skipped step saves),
-  # and speculative decoding at K = 4 (random weights guess nothing right: ar_decode / ar_decode_forwards is the cost
-  # of one 5-token verify forward against a plain step's)
+  # at T = 0.1 (random weights do not have a trained DiT's step dynamics: this measures what a skipped step saves);
+  # first, what a speculative verify forward of K+1 tokens costs against a plain decode step (random weights guess
+  # nothing right, so the ratio is the cost side; a trained model's tokens per forward are the gain side)
+  timeout 180 python3 benchmarks/gpu_probe.py --parts spec --out "$OUT/gpu-probe-spec.json" 2>&1 | tail -6
   export TMPDIR=/tmp/bench-work; mkdir -p $TMPDIR
-  timeout ${EXTRAS_TIMEOUT:-540} python3 -m glmimage.bench --preset full --device cuda --height 1024 --width 1024 \
+  timeout ${EXTRAS_TIMEOUT:-400} python3 -m glmimage.bench --preset full --device cuda --height 1024 --width 1024 \
     --steps 50 --guidance 1.5 --warmup 0 --repeat 1 --reference-dtype none \
-    --dtype ${VARIANTS:-bfloat16+int8all+compile,bfloat16+compile+cache0.1,bfloat16+compile+spec4} --out "$OUT/full-cuda-extras.json" 2>&1 \
+    --dtype ${VARIANTS:-bfloat16+int8all+compile,bfloat16+compile+cache0.1} --out "$OUT/full-cuda-extras.json" 2>&1 \
     | grep -v Warning | tail -30
 else
   echo "usage: bash benchmarks/gpu.sh smoke|full|finetune|parity|extras" >&2; exit 2

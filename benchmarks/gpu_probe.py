@@ -1,7 +1,7 @@
 """Where the official-size stages spend their time on a GPU: random weights built in memory (no checkpoint on
 disk), one process, each part timed with the device synchronised.
 
-    python benchmarks/gpu_probe.py --out probe.json [--parts dit,lora,ar]
+    python benchmarks/gpu_probe.py --out probe.json [--parts dit,lora,ar,spec]
     python benchmarks/gpu_probe.py --out /tmp/p.json --device cpu --preset debug --side 64   # a dry run here
 
 - dit: one 1024² denoising step (N = 4096 image tokens, CFG) of the bf16 DiT: both branches in one batch with the
@@ -12,6 +12,9 @@ disk), one process, each part timed with the device synchronised.
   bf16 autocast, AdamW), with and without activation checkpointing: peak allocated memory and seconds per step.
 - ar: the AR's 1281-token 1024² decode with the CUDA-graph step, and with the step torch.compile'd inside the
   graph (compile time reported apart; tokens compared).
+- spec: the same decode with speculative decoding (the verify step as a CUDA graph) at K = 2, 4, 8: random weights
+  guess (almost) nothing right, so this measures what one K+1-token verify forward costs against a plain step;
+  with it, a trained model's tokens per forward (`benchmarks/speculate.py`) give its decode time.
 """
 import argparse
 import json
@@ -169,6 +172,28 @@ def probe_ar() -> None:
     report["ar_compiled_same_tokens"] = (tokens["cuda_graph"] == tokens["compiled_cuda_graph"]).float().mean().item()
 
 
+def probe_spec() -> None:
+    cfg = ARConfig.from_name(AR_PRESET)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with DEV:
+        model = ARModel(cfg).eval().fuse()
+    torch.set_default_dtype(torch.float32)
+    prompt = torch.randint(cfg.boi_id + 200, cfg.vocab_size - 100, (1, 60), device=DEV)
+    prompt[0, -1] = cfg.boi_id
+    grids = [(SIDE // 64, SIDE // 64), (SIDE // 32, SIDE // 32)]
+    out = report.setdefault("ar_speculative", {})
+    for k in (0, 2, 4, 8):
+        generate_prior(model, prompt, [], grids, seed=0, cuda_graph=True, speculate=k)     # warm-up
+        timings: dict = {}
+        generate_prior(model, prompt, [], grids, seed=0, cuda_graph=True, speculate=k, timings=timings)
+        out[f"k{k}"] = {"decode_s": timings["ar_decode"], "forwards": timings["ar_decode_forwards"],
+                        "ms_per_forward": 1e3 * timings["ar_decode"] / timings["ar_decode_forwards"]}
+        print("spec", k, out[f"k{k}"], flush=True)
+    for k in (2, 4, 8):
+        out[f"k{k}"]["forward_cost_vs_plain_step"] = out[f"k{k}"]["ms_per_forward"] / out["k0"]["ms_per_forward"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -185,7 +210,7 @@ def main() -> None:
     for part in args.parts.split(","):
         t = time.perf_counter()
         try:
-            {"dit": probe_dit, "lora": probe_lora, "ar": probe_ar}[part]()
+            {"dit": probe_dit, "lora": probe_lora, "ar": probe_ar, "spec": probe_spec}[part]()
         except Exception as e:  # keep what the other parts measure
             report[f"{part}_error"] = repr(e)
             print(part, "failed:", repr(e), flush=True)

@@ -25,13 +25,15 @@ def test_dit_parity_script_finds_our_dit_equal_to_the_reference(tmp_path):
 def test_gpu_probe_dry_run(tmp_path):
     out = tmp_path / "probe.json"
     _run("gpu_probe.py", "--out", str(out), "--device", "cpu", "--preset", "debug", "--side", "64",
-         "--parts", "dit,lora")
+         "--parts", "dit,lora,spec")
     report = json.loads(out.read_text())
     assert not any(k.endswith("_error") for k in report), report
     steps = report["dit_step_s"]
     assert set(steps) == {"batched_split", "batched_masked", "two_calls", "batched_split_compiled"}
     assert report["dit_split_vs_masked_max_abs"] < 0.05                  # bf16: the same step up to rounding
     assert set(report["lora64_step"]) == {"recompute", "plain"}
+    assert set(report["ar_speculative"]) == {"k0", "k2", "k4", "k8"}
+    assert report["ar_speculative"]["k4"]["forward_cost_vs_plain_step"] > 0
 
 
 def test_step_cache_script(debug_ckpt, tmp_path):
