@@ -146,7 +146,8 @@ def probe_lora() -> None:
 
 
 @torch.inference_mode()
-def probe_ar() -> None:
+def random_ar() -> tuple[ARModel, torch.Tensor, list[tuple[int, int]]]:
+    """The AR with random bf16 weights, a 60-token t2i prompt and its grids (preview, large) at SIDE²."""
     cfg = ARConfig.from_name(AR_PRESET)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
@@ -155,7 +156,11 @@ def probe_ar() -> None:
     torch.set_default_dtype(torch.float32)
     prompt = torch.randint(cfg.boi_id + 200, cfg.vocab_size - 100, (1, 60), device=DEV)
     prompt[0, -1] = cfg.boi_id
-    grids = [(SIDE // 64, SIDE // 64), (SIDE // 32, SIDE // 32)]
+    return model, prompt, [(SIDE // 64, SIDE // 64), (SIDE // 32, SIDE // 32)]
+
+
+def probe_ar() -> None:
+    model, prompt, grids = random_ar()
     out = report.setdefault("ar_decode", {})
     tokens = {}
     for name, compile in (("cuda_graph", False), ("compiled_cuda_graph", True)):
@@ -173,15 +178,7 @@ def probe_ar() -> None:
 
 
 def probe_spec() -> None:
-    cfg = ARConfig.from_name(AR_PRESET)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with DEV:
-        model = ARModel(cfg).eval().fuse()
-    torch.set_default_dtype(torch.float32)
-    prompt = torch.randint(cfg.boi_id + 200, cfg.vocab_size - 100, (1, 60), device=DEV)
-    prompt[0, -1] = cfg.boi_id
-    grids = [(SIDE // 64, SIDE // 64), (SIDE // 32, SIDE // 32)]
+    model, prompt, grids = random_ar()
     out = report.setdefault("ar_speculative", {})
     for k in (0, 2, 4, 8):
         generate_prior(model, prompt, [], grids, seed=0, cuda_graph=True, speculate=k)     # warm-up
