@@ -498,6 +498,12 @@ class SpeculativeDecode(StaticDecode):
         self.i.copy_(torch.clamp(self.i + run + 1, max=last))              # kept: 1..k+1 tokens per row
 
 
+def check_speculate(k) -> None:
+    """User input: speculate must be an int >= 0 (0: plain decoding)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"speculate must be an int >= 0 (guessed tokens verified per AR forward; 0 = off), got {k!r}")
+
+
 def nearest_grid(src: Tensor, h: int, w: int) -> Tensor:
     """(B, hs, ws) ids -> (B, h, w), nearest neighbour: the preview grid as a guess of the large one."""
     rows = torch.arange(h, device=src.device) * src.shape[1] // h
@@ -617,8 +623,7 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     timings, if a dict, gets ar_prefill, ar_decode (seconds), ar_new_tokens, ar_decode_tokens_per_s and
     ar_decode_forwards (one per token without speculate).
     """
-    if not isinstance(speculate, int) or speculate < 0:
-        raise ValueError(f"speculate must be an int >= 0 (drafted tokens verified per forward), got {speculate!r}")
+    check_speculate(speculate)
     B, device = input_ids.shape[0], input_ids.device
     t0 = time.perf_counter()
     slack = speculate + 1 if speculate else 0                           # a finished row's forward writes past n
@@ -658,10 +663,12 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     n, forwards = 1, 0                                                  # tokens written, decode forwards
     for g, (h, w) in enumerate(target_grids):
         start, end = ends[g] - h * w, ends[g]
-        if speculate and (g > 0 or ref_grids) and n < end:
-            hs, ws = target_grids[g - 1] if g > 0 else ref_grids[-1]
-            src = (out[:, start - hs * ws:start].view(B, hs, ws) if g > 0    # (B, hs, ws)
-                   else reference_ids(model.cfg, input_ids, ref_grids))
+        if speculate and (g > 0 or ref_grids) and n < end:                # the guesses for this grid
+            if g > 0:                                                   # the grid before it (t2i: the preview)
+                hs, ws = target_grids[g - 1]
+                src = out[:, start - hs * ws:start].view(B, hs, ws)
+            else:                                                       # an edit's: its (last) reference
+                src = reference_ids(model.cfg, input_ids, ref_grids)
             draft[:, start:end] = nearest_grid(src, h, w).flatten(1)
         while n < end:                                                  # feeds token n-1, writes token n (on)
             if speculate:

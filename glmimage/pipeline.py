@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from glmimage import loading
-from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, cpu_compile, generate_prior, sync
+from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, check_speculate, cpu_compile, generate_prior, sync
 from glmimage.dit import CPU_COMPILE_OPTIONS as DIT_CPU_COMPILE_OPTIONS
 from glmimage.dit import DiT, DiTConfig, StepCache, adaln_key
 from glmimage.glyph import GlyphEncoder
@@ -411,7 +411,7 @@ class Pipeline:
         """The AR's large grid: LongTensor [th, tw] for a str prompt, [B, th, tw] for a list of B prompts (one
         left-padded batch; row b is what prompt b gives alone with seed[b]). temperature=0 decodes greedily.
         speculate: k > 0 verifies k guessed tokens per AR forward (the preview upsampled for the large grid, the
-        reference for an edit; ar.SpeculativeDecode): the same tokens, fewer forwards.
+        reference for an edit; ar.SpeculativeDecode): the same tokens (up to rounding), fewer forwards.
 
         on_grid(k, grid) is called as soon as generated grid k is complete (t2i: 0 = preview, 1 = large), with
         [h, w] for a str prompt and [B, h, w] for a list."""
@@ -459,15 +459,13 @@ class Pipeline:
         CFG) as soon as the AR has written it, before the large grid exists (once per image, in order).
         step_cache > 0 skips the DiT's blocks after the first at steps whose first-block output has moved less than
         that (relative) since the last full step (dit.StepCache; e.g. 0.1; 0 = off, exact). speculate: k > 0
-        decodes the AR speculatively, k guessed tokens verified per forward (same tokens; see prior_tokens).
+        decodes the AR speculatively, k guessed tokens verified per forward (see prior_tokens).
         timings, if a dict, is filled with per-stage seconds."""
         prompts = self._prompts(prompt)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         StepCache(step_cache)                           # a bad threshold fails here, before any work
-        if not isinstance(speculate, int) or speculate < 0:
-            raise ValueError(f"speculate must be an int >= 0 (guessed tokens verified per AR forward), "
-                             f"got {speculate!r}")
+        check_speculate(speculate)                      # so does a bad speculate
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         th, tw = self.check_size(height, width)
