@@ -53,9 +53,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                            # [M, in]
-        if x.device.type in ("cpu", "mps") and x2.shape[0] <= 4:
-            # decode: the int8 kernel streams 1 byte per weight. On CPU it is fast in bf16 only (measured: fp32
-            # activations are several times slower than a dense fp32 GEMV), so it always runs in bf16 there.
+        if x.device.type in ("cpu", "mps") and x2.shape[0] <= 16:
+            # decode (and a speculative verify, a small batch): the int8 kernel streams 1 byte per weight. On CPU it
+            # is fast in bf16 only (measured: fp32 activations are several times slower than a dense fp32 GEMV), so
+            # it always runs in bf16 there. Each row's result does not depend on how many rows come with it (so a
+            # speculative verify rounds as plain decoding), and up to 16 rows it beats converting the weight for a
+            # GEMM (`benchmarks/int8_rows.py`, 2 threads: official 4608x4096 at 5 rows 1.7 ms vs 23 ms).
             y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.weight, self.scales.bfloat16()).to(x.dtype)
         else:                                                # prefill, DiT, or no kernel: per-row scales after the GEMM
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)

@@ -303,6 +303,16 @@ def test_int8_linear_close_to_float():
     assert isinstance(net[0], Int8Linear) and isinstance(net[2], torch.nn.Linear)  # 8 < min_features
 
 
+def test_int8_linear_rows_independent_of_the_batch():
+    """Up to 16 rows take the int8 kernel, whose rows come out as each alone (a speculative verify of k+1 tokens or a
+    small batch rounds as one-token decoding); more rows take the converted GEMM, close to it."""
+    q = Int8Linear.from_linear(torch.nn.Linear(96, 80))
+    x = torch.randn(20, 96)
+    alone = torch.cat([q(x[j:j + 1]) for j in range(20)])
+    assert torch.equal(q(x[:16]), alone[:16]) and torch.equal(q(x[:5].view(1, 5, 96))[0], alone[:5])
+    assert (q(x) - alone).abs().max() < 0.05 * alone.abs().max()
+
+
 def test_int8_pipeline_runs_and_stays_close(debug_ckpt, pipe):
     q = Pipeline.from_pretrained(debug_ckpt, int8=True)
     assert isinstance(q.ar.decoder.layers[0].mlp.down_proj, Int8Linear)
