@@ -7,14 +7,13 @@ up to 16 rows (decode, a speculative verify, a small batch).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from glmimage.bench import write_report
 from glmimage.quantize import Int8Linear
 
 SHAPES = [(512, 768), (512, 3072), (1536, 512), (4096, 4608), (4096, 27392)]   # medium AR / official AR linears
@@ -54,10 +53,7 @@ def main(argv=None) -> None:
                  "rows_as_alone": same}
             report["results"].append(r)
             print(r, flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ forward (per row), AR decode seconds per prompt (best of --repeat) and the speed
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from glmimage.bench import write_report
 
 
 def main(argv=None) -> None:
@@ -90,10 +90,7 @@ def main(argv=None) -> None:
         report["results"][f"{kind}:{k}"] = summary
         print(f"{kind:>5} {k:>3} {summary['forwards']:>9.1f} {summary['tokens_per_forward']:>8.2f} "
               f"{summary['ar_decode_s']:>12.4f} {summary['ar_decode_speedup']:>8.2f} {summary['same_grid']:>10}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

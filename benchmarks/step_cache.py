@@ -10,12 +10,12 @@ PSNR / max difference against the exact one (means over the prompts; the DiT tim
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from glmimage.bench import write_report
 
 
 def psnr(a, b) -> float:
@@ -78,10 +78,7 @@ def main(argv=None) -> None:
         print(f"{t:>10} {summary['dit_s']:>12.3f} {summary['dit_speedup']:>8.2f} "
               f"{summary['steps_cached']:>10.1f}/{args.steps:<2} {summary['psnr_db_mean']:>8.1f} "
               f"{summary['max_abs']:>9}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

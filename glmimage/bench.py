@@ -329,6 +329,14 @@ def spawn(args, worker: str, dtype: str, json_out: Path, tokens: Path | None = N
     return json.loads(json_out.read_text())
 
 
+def write_report(report: dict, path: str | None) -> None:
+    """A benchmark script's JSON report to `path` (its folders made; None: not written), and where it went."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1))
+        print(f"wrote {path}")
+
+
 def image_diff(a: str, b: str) -> dict:
     import numpy as np
     from PIL import Image
