@@ -141,7 +141,7 @@ def test_cli_generate(debug_ckpt, tmp_path):
           "--steps", "2", "-o", str(out)])                                      # one batch, one file per prompt
     assert Image.open(tmp_path / "x-0.png").size == Image.open(tmp_path / "x-1.png").size == (64, 64)
     main(["generate", "--int8", "--int8-dit", PROMPT, "--model", str(debug_ckpt), "--height", "64", "--width", "64",
-          "--steps", "4", "--step-cache", "0.5", "-o", str(out)])              # the memory and speed options
+          "--steps", "4", "--step-cache", "0.5", "--speculate", "3", "-o", str(out)])   # memory and speed options
     assert Image.open(out).size == (64, 64)
 
 
