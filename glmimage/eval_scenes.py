@@ -449,8 +449,9 @@ def evaluate(generate_fn, n: int, seed: int, out_dir, size: int = 128, edit_fn=N
     """Score a model on n fresh text-to-image prompts (cycling over T2I_CATEGORIES) and, with edit_fn, on
     n_edit (default n) edits cycling over EDIT_KINDS. Writes report.json and contact_sheet.png.
 
-    generate_fn(prompt: str, seed: int) -> PIL.Image; edit_fn(instruction: str, source: PIL.Image, seed: int)
-    -> PIL.Image, where source is the rendered source scene at `size`."""
+    generate_fn(prompt: str, seed: int) -> PIL.Image; edit_fn(instruction: str, source: PIL.Image, seed: int,
+    truth: PIL.Image) -> PIL.Image, where source is the rendered source scene at `size` and truth the rendered
+    target (what a right edit looks like; only a ceiling measurement may read it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, samples, sheet, sheet_ok = [], [], [], []
@@ -464,7 +465,8 @@ def evaluate(generate_fn, n: int, seed: int, out_dir, size: int = 128, edit_fn=N
         sheet_ok.append(r["exact"])
     if edit_fn is not None:
         for j, (kind, source, instruction, target) in enumerate(edit_cases(n if n_edit is None else n_edit, seed)):
-            image = edit_fn(instruction, render(source, size, size), seed + j).convert("RGB")
+            image = edit_fn(instruction, render(source, size, size), seed + j, render(target, size, size))
+            image = image.convert("RGB")
             r = check_edit(image, source, target, kind)
             results.append(r)
             samples.append({"category": f"edit_{kind}", "source_caption": caption(source), "instruction": instruction,

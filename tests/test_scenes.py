@@ -353,7 +353,7 @@ def test_ocr_missing_gives_a_clear_error(monkeypatch):
 def test_evaluate_writes_report_and_contact_sheet(tmp_path):
     targets = {instruction: target for _, _, instruction, target in E.edit_cases(6, seed=5)}
 
-    def edit_fn(instruction, source, seed):
+    def edit_fn(instruction, source, seed, truth):
         return S.render(S.place_scene(strip(targets[instruction]), random.Random(seed)))
 
     report = E.evaluate(E.ground_truth_generate_fn(128), n=5, seed=5, out_dir=tmp_path, edit_fn=edit_fn, n_edit=6)
@@ -366,23 +366,41 @@ def test_evaluate_writes_report_and_contact_sheet(tmp_path):
 
 
 def test_oracle_tokens_eval_decodes_ground_truth_ids(tmp_path, monkeypatch):
-    """--oracle-tokens: the AR never runs; the decoder gets the tokenizer's ids of the ground-truth render."""
+    """--oracle-tokens: the AR never runs; the decoder gets the tokenizer's ids of the ground-truth render (for an
+    edit: of its target, decoded against its source)."""
     from glmimage.pipeline import Pipeline
     from glmimage.train import evaluate as TE
 
     seen = []
     real_call = Pipeline.__call__
 
-    def spy(self, prompt, *a, prior_token_ids=None, **k):
-        seen.append(prior_token_ids)
-        return real_call(self, prompt, *a, prior_token_ids=prior_token_ids, **k)
+    def spy(self, prompt, *a, prior_token_ids=None, image=None, **k):
+        seen.append((prompt, prior_token_ids, image))
+        return real_call(self, prompt, *a, prior_token_ids=prior_token_ids, image=image, **k)
 
     monkeypatch.setattr(Pipeline, "__call__", spy)
     monkeypatch.setattr(Pipeline, "prior_tokens", lambda *a, **k: pytest.fail("the AR ran"))
-    TE.main(["--n", "2", "--steps", "1", "--oracle-tokens", "--out", str(tmp_path)])
+    TE.main(["--n", "2", "--n-edit", "1", "--steps", "1", "--oracle-tokens", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text())
-    assert [x["category"] for x in report["samples"]] == ["single", "multi"]            # no edits in this mode
-    assert len(seen) == 3 and all(g is not None and g.shape == (8, 8) for g in seen)  # timing run + 2 prompts
+    kind, source, instruction, target = E.edit_cases(1, 1234)[0]
+    assert [x["category"] for x in report["samples"]] == ["single", "multi", f"edit_{kind}"]
+    assert len(seen) == 4 and all(g is not None and g.shape == (8, 8) for _, g, _ in seen)  # timing + 2 + 1 edit
+    pipe = Pipeline.from_pretrained()
+    prompt, ids, image = seen[-1]
+    assert prompt == instruction and np.array_equal(np.asarray(image), np.asarray(S.render(source)))
+    assert torch.equal(ids, pipe.encode_references([S.render(target)])[0])
+
+
+def test_vae_roundtrip_eval_scores_ground_truth_through_the_vae(tmp_path, monkeypatch):
+    """--vae-roundtrip: neither the AR nor the DiT runs; prompts and edit targets are rendered, encoded, decoded."""
+    from glmimage.pipeline import Pipeline
+    from glmimage.train import evaluate as TE
+
+    monkeypatch.setattr(Pipeline, "__call__", lambda *a, **k: pytest.fail("the pipeline ran"))
+    TE.main(["--n", "1", "--n-edit", "2", "--vae-roundtrip", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [x["category"] for x in report["samples"]][1:] == [f"edit_{k}" for k, *_ in E.edit_cases(2, 1234)]
+    assert report["scores"]["n_edit"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------

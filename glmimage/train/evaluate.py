@@ -3,9 +3,10 @@
     python -m glmimage.train.evaluate --model glmimage/assets/model --n 50 --out /tmp/eval --steps 20
     python -m glmimage.train.evaluate --model glmimage/assets/model --n 50 --out /tmp/oracle --oracle-tokens
 
---oracle-tokens replaces the AR by the image tokenizer's ids of a ground-truth render of each prompt: the score
-is then the decoder's (+ VAE's) ceiling, which separates what the AR gets wrong from what the decoder does;
---vae-roundtrip scores ground-truth renders passed through the VAE alone (the ceiling below that one).
+--oracle-tokens replaces the AR by the image tokenizer's ids of a ground-truth render of each prompt (of each
+edit's target, the edit still decoding against its source): the score is then the decoder's (+ VAE's) ceiling,
+which separates what the AR gets wrong from what the decoder does; --vae-roundtrip scores ground-truth renders (of
+prompts and of edit targets) passed through the VAE alone (the ceiling below that one).
 """
 from __future__ import annotations
 
@@ -42,17 +43,22 @@ def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = F
 
     render_truth = ground_truth_generate_fn(size)
 
+    def roundtrip(truth: Image.Image) -> Image.Image:   # the VAE's own ceiling: a ground-truth render encoded, decoded
+        return pixels_to_pil(pipe.vae.decode(pipe.vae.encode(pil_to_pixels(truth, size, size))))[0]
+
     def generate(prompt: str, seed: int) -> Image.Image:
-        if vae_roundtrip:                            # the VAE's own ceiling: a ground-truth render encoded, decoded
-            return pixels_to_pil(pipe.vae.decode(pipe.vae.encode(pil_to_pixels(render_truth(prompt, seed),
-                                                                                size, size))))[0]
+        if vae_roundtrip:
+            return roundtrip(render_truth(prompt, seed))
         prior = pipe.encode_references([render_truth(prompt, seed)])[0] if oracle_tokens else None
         return pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                     prior_token_ids=prior, step_cache=step_cache)[0]
 
-    def edit(instruction: str, source: Image.Image, seed: int) -> Image.Image:
+    def edit(instruction: str, source: Image.Image, seed: int, truth: Image.Image) -> Image.Image:
+        if vae_roundtrip:
+            return roundtrip(truth)
+        prior = pipe.encode_references([truth])[0] if oracle_tokens else None
         return pipe(instruction, height=size, width=size, image=source, num_inference_steps=steps,
-                    guidance_scale=guidance, seed=seed, step_cache=step_cache)[0]
+                    guidance_scale=guidance, seed=seed, prior_token_ids=prior, step_cache=step_cache)[0]
 
     return pipe, generate, edit, size
 
@@ -80,9 +86,10 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", default=None, help="also write a sample grid PNG here")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--oracle-tokens", action="store_true",
-                    help="decode the tokenizer's ids of a ground-truth render instead of the AR's (text-to-image only)")
+                    help="decode the tokenizer's ids of a ground-truth render (of the prompt, of an edit's target) "
+                         "instead of the AR's")
     ap.add_argument("--vae-roundtrip", action="store_true",
-                    help="score ground-truth renders passed through the VAE alone (its ceiling; text-to-image only)")
+                    help="score ground-truth renders passed through the VAE alone (its ceiling)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,9 +101,7 @@ def main(argv=None) -> None:
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
     if args.grid:
         sample_grid(generate, size, Path(args.grid))
-    t2i_only = args.oracle_tokens or args.vae_roundtrip
-    report = evaluate(generate, args.n, args.seed, args.out, size=size, edit_fn=None if t2i_only else edit,
-                      n_edit=args.n_edit)
+    report = evaluate(generate, args.n, args.seed, args.out, size=size, edit_fn=edit, n_edit=args.n_edit)
     print(json.dumps(report["scores"], indent=1))
 
 
