@@ -422,6 +422,65 @@ def test_prefetch_reads_the_same_examples(tmp_path):
     assert Prefetch(make_source("synthetic", 0, 64)).pool is None      # drawn in Python: read in the step
 
 
+def test_export_onto_a_base_model(runs, tmp_path):
+    """export --base MODEL: a run that trained the AR (or the DiT) anew on MODEL's image tokenizer (and VAE) becomes
+    a copy of MODEL with that stage replaced; a run on another tokenizer is refused."""
+    from glmimage.pipeline import Pipeline
+    from glmimage.train.export import _stored, export
+    full, _ = runs
+    preset = get_preset("debug")
+    base = export(full, tmp_path / "base", preset="debug")
+    for stage in ("vae", "tokenizer"):
+        shutil.copytree(full / stage, tmp_path / "run" / stage)
+    ar.train(preset, tmp_path / "run", steps=2, progress=False, seed=1)         # another AR on the same tokenizer
+    out = export(tmp_path / "run", tmp_path / "onto", preset="debug", base=base)
+    new, old = _stored(out / "vision_language_encoder"), _stored(base / "vision_language_encoder")
+    ar_keys = [k for k in new if k.startswith(("model.language_model.", "lm_head."))]
+    assert ar_keys and all(not torch.equal(new[k], old[k]) for k in ar_keys if k.endswith("proj.weight"))
+    assert all(torch.equal(new[k], old[k]) for k in new if k not in ar_keys)     # the image tokenizer: base's
+    for component in ("transformer", "vae", "text_encoder"):                     # the decoder side: base's files
+        assert all(torch.equal(v, _stored(base / component)[k]) for k, v in _stored(out / component).items())
+    pipe = Pipeline.from_pretrained(out)
+    assert pipe("a large red circle in the center, on a white background.", height=64, width=64,
+                num_inference_steps=1, seed=0)[0].size == (64, 64)
+    decoder.train(preset, tmp_path / "run", steps=2, progress=False, seed=1)     # a DiT on the VAE without
+    with pytest.raises(ValueError, match="VAE is not"):                        # base's decoder fine-tune: refused
+        export(tmp_path / "run", tmp_path / "onto2", preset="debug", base=base)
+    shutil.copytree(full / "vae_decoder", tmp_path / "run" / "vae_decoder")    # with it: base's VAE
+    out = export(tmp_path / "run", tmp_path / "onto2", preset="debug", base=base)
+    assert not torch.equal(_stored(out / "transformer")["proj_out.weight"], _stored(base / "transformer")["proj_out.weight"])
+    tokenizer.train(preset, tmp_path / "other", steps=2, progress=False, seed=1)  # another tokenizer: refused
+    shutil.copytree(tmp_path / "run" / "ar", tmp_path / "other" / "ar")
+    with pytest.raises(ValueError, match="image tokenizer is not"):
+        export(tmp_path / "other", tmp_path / "refused", preset="debug", base=base)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_edit_share(runs, tmp_path, monkeypatch, capsys):
+    """--edit-share F: the AR's synthetic examples are edits with probability F (SceneStream draws a kind per example
+    from the tuple); the default is one in three; a resume with another share is refused."""
+    from glmimage.train.__main__ import main
+    assert ar.edit_kinds(None) == ("t2i", "t2i", "edit")
+    assert sorted(ar.edit_kinds(0.5)) == ["edit", "t2i"] and ar.edit_kinds(0) == ("t2i",)
+    assert ar.edit_kinds(0.4).count("edit") == 2 and len(ar.edit_kinds(0.4)) == 5
+    for bad in (0.123, 1.5, -0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="--edit-share is a fraction"):
+            ar.edit_kinds(bad)
+    full, _ = runs
+    shutil.copytree(full / "tokenizer", tmp_path / "tokenizer")
+    seen = []
+    make_source = ar.make_source
+    monkeypatch.setattr(ar, "make_source", lambda *a, **k: seen.append(k["kinds"]) or make_source(*a, **k))
+    main(["train", "ar", "--preset", "debug", "--out", str(tmp_path), "--steps", "2", "--edit-share", "1"])
+    assert seen == [("t2i", "edit"), ("edit",)]          # the caption tokenizer's corpus, then the training stream
+    assert load_stage(tmp_path, "ar")["identity"] == {"edit_share": 1.0}
+    with pytest.raises(ValueError, match="edit_share"):
+        ar.train(get_preset("debug"), tmp_path, steps=3, resume=True, progress=False)
+    with pytest.raises(SystemExit):
+        main(["train", "decoder", "--preset", "debug", "--out", str(tmp_path), "--steps", "1", "--edit-share", "1"])
+    assert "--edit-share applies to the ar stage" in capsys.readouterr().err
+
+
 def test_ema_resumes_exactly_and_is_what_later_stages_use(runs, tmp_path):
     """--ema: the moving average is checkpointed (a stopped and resumed run ends with the same average as an
     uninterrupted one), differs from the trained weights, and is what export and later stages load."""

@@ -86,6 +86,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="ar and decoder on real images: threads reading the next batch's images while a step runs "
                         "(default 4; 0: read in the step)")
+    p.add_argument("--edit-share", type=float, default=None, metavar="F",
+                   help="ar on synthetic data: the share of examples that are edits (default 1/3; e.g. 0.5)")
     p.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="with --init: train rank-RANK LoRA adapters on the frozen model's blocks instead of every "
                         "weight (checkpoints hold the adapters; export merges them)")
@@ -116,6 +118,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="small", help="the training preset the run used")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="storage dtype (auto: float32 if the model fits in 40 MB, else bfloat16 for big tensors)")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="write a copy of MODEL with the ar and/or decoder stage of this run in place of its own "
+                        "(the run trained them on MODEL's image tokenizer, checked)")
 
 
 def run_train(args) -> None:
@@ -183,6 +188,10 @@ def run_train(args) -> None:
         raise ValueError(f"--val is a number of held-out examples, got {args.val}")
     if args.val_every is not None and args.val_every < 1:
         raise ValueError(f"--val-every must be a positive number of steps, got {args.val_every}")
+    if args.edit_share is not None:
+        if args.stage != "ar":
+            raise ValueError(f"--edit-share applies to the ar stage, not {args.stage}")
+        kwargs["edit_share"] = args.edit_share
     stage_flags = (("--lora", "lora", args.lora), ("--recompute", "recompute", args.recompute or None),
                    ("--compile", "compile", args.compile or None), ("--buckets", "buckets", args.buckets),
                    ("--val", "val", args.val), ("--val-data", "val_data", args.val_data),
@@ -207,7 +216,7 @@ def run_train(args) -> None:
 
 def run_export(args) -> None:
     from glmimage.train.export import export
-    path = export(Path(args.out), Path(args.to), preset=args.preset, dtype=args.dtype)
+    path = export(Path(args.out), Path(args.to), preset=args.preset, dtype=args.dtype, base=args.base)
     print(f"wrote {path}")
 
 

@@ -39,6 +39,19 @@ CORPUS_SEED_OFFSET = 20_000
 SCENE_KWARGS = dict(paraphrase_p=0.3, word_p=0.4, chinese_p=0.3, unseen_p=0.15)
 
 
+def edit_kinds(share: float | None) -> tuple[str, ...]:
+    """The t2i/edit mix of synthetic examples (SceneStream draws one kind per example uniformly from the tuple):
+    None is the default, one edit in three; else the share as a fraction of denominator <= 12 (0.5, 0.25, 2/3)."""
+    from fractions import Fraction
+    if share is None:
+        return ("t2i", "t2i", "edit")
+    f = Fraction(share).limit_denominator(12) if 0 <= share <= 1 else None
+    if f is None or abs(float(f) - share) > 1e-6:
+        raise ValueError(f"--edit-share is a fraction of the examples in [0, 1] with a denominator up to 12 "
+                         f"(e.g. 0.5, 0.25, 0.4), got {share}")
+    return ("edit",) * f.numerator + ("t2i",) * (f.denominator - f.numerator)
+
+
 def train_text_tokenizer(preset: TrainPreset, seed: int):
     """Byte-level BPE merges learned from captions and edit instructions of a held-out synthetic stream."""
     source = make_source("synthetic", seed + CORPUS_SEED_OFFSET, preset.image_size, kinds=("t2i", "edit"),
@@ -212,7 +225,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
           object_weight: float | None = None, rt: Runtime | None = None, lora: int | None = None,
           recompute: bool = False, compile: bool = False, buckets: float | None = None, val: int = 0,
           val_data: str | None = None, val_every: int | None = None, workers: int = 4, samples: int = 0,
-          sample_every: int | None = None, sample_model: str | None = None) -> list[dict]:
+          sample_every: int | None = None, sample_model: str | None = None,
+          edit_share: float | None = None) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
     model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
@@ -223,10 +237,16 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     checkpoint interval) as val_loss. workers: threads reading real images ahead of the steps (data.Prefetch; 0:
     read in the step). samples: every sample_every steps (default: the checkpoint interval) the AR writes the
     grids of that many held-out (else training) captions, decoded by sample_model's decoder (default: the --init
-    model) into DIR/ar/samples/ (sample_grids)."""
+    model) into DIR/ar/samples/ (sample_grids). edit_share: the share of synthetic examples that are edits
+    (edit_kinds; default one in three)."""
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
     identity = finetune_identity(preset, lora, buckets)
+    kinds = edit_kinds(edit_share) if has_synthetic(data) else ("t2i",)     # (real images: t2i)
+    if edit_share is not None:
+        if not has_synthetic(data):
+            raise ValueError("--edit-share mixes synthetic edit examples in: it needs synthetic data in --data")
+        identity = {**identity, "edit_share": edit_share}
     sizes = bucket_sizes(preset.image_size, preset.ar_token_px, buckets)
     cfg = preset.stages["ar"]
     steps = steps or cfg.steps
@@ -243,7 +263,6 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         pt = prompt_tokenizer(tok, preset)
     model = build_ar(preset, text_vocab_size(tok, preset), seed)
     models, trainable = wrap_blocks("ar", model, model.decoder.layers, rt, seed, lora, recompute, compile)
-    kinds = ("t2i", "t2i", "edit") if has_synthetic(data) else ("t2i",)      # (real images: t2i)
 
     def encode(images):
         return encode_batch(vq, images, preset)

@@ -445,9 +445,9 @@ def train_loop(stage: str, out_dir: Path, models: dict[str, nn.Module], trainabl
         sharded_ck = load_stage(out_dir.parent, stage, {"step", "rng", "identity"})
     found = ck if ck is not None else sharded_ck
     if found is not None and found.get("identity", {}) != (identity or {}):
-        raise ValueError(f"{out_dir} was trained with {found.get('identity') or 'no --init/--lora/--buckets'}, "
-                         f"not {identity or 'no --init/--lora/--buckets'}: resume with the same flags, or use a new "
-                         f"run folder")
+        plain = "no --init/--lora/--buckets/--edit-share"
+        raise ValueError(f"{out_dir} was trained with {found.get('identity') or plain}, not {identity or plain}: "
+                         f"resume with the same flags, or use a new run folder")
     if ck is not None:
         for name, m in models.items():
             m.load_state_dict(ck["models"][name])          # whole weights, before any sharding

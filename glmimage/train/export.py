@@ -7,6 +7,12 @@ A fine-tuning run (`--init MODEL`, with or without `--lora`) exports as a copy o
 components (transformer/ for the decoder, the AR half of vision_language_encoder/ for ar) hold the run's weights,
 LoRA adapters merged, stored in the dtype MODEL stores them in.
 
+A run that trained some stages from scratch on another model's image tokenizer (`--base MODEL`: e.g. a new AR for
+the bundled model, trained on its tokenizer reproduced in the run folder) exports the same way: a copy of MODEL with
+the run's ar (AR + caption tokenizer) and/or decoder (DiT + glyph encoder) in place of MODEL's. Both read the image
+tokenizer's ids, so the run's tokenizer must be MODEL's (checked, weight for weight at MODEL's storage dtype), and a
+decoder must have been trained on MODEL's VAE (checked too).
+
 model_index.json gets a "glmimage" entry with the grid factors the pipeline reads:
   {"ar_token_px": 16, "preview_side": 4, "native_size": 128}
 Storage dtype "auto": float32, unless the whole folder would exceed 40 MB; then the two big components
@@ -82,7 +88,9 @@ def load_models(preset: TrainPreset, run_dir: Path) -> dict:
                 ar=model.eval(), text_tokenizer=tok, dit=dit.eval(), glyph=glyph)
 
 
-def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto") -> Path:
+def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto", base: Path | None = None) -> Path:
+    if base is not None:
+        return export_onto(Path(run_dir), Path(to), Path(base), get_preset(preset), dtype)
     identities = {}
     for stage in ("ar", "decoder"):
         if checkpoint_path(run_dir, stage) is not None:
@@ -202,4 +210,74 @@ def export_finetuned(run_dir: Path, to: Path, stages: list[str], dtype: str = "a
         dt = explicit or stored_dtype(init / "vision_language_encoder")
         replace_weights(to / "vision_language_encoder", "model.safetensors",
                         {**_state(model, AR_KEY_PREFIXES, dt), **_state(vq, VISION_KEY_PREFIXES, dt)})
+    return to
+
+
+def _stored(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    from glmimage.loading import safetensors_files
+    out = {}
+    for f in safetensors_files(folder):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _check_same(run: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], what: str, base: Path) -> None:
+    """Every tensor of `run` (cast to the stored dtype) equals `stored`'s of the same name."""
+    differ = [k for k, t in run.items() if k not in stored or not torch.equal(t, stored[k])]
+    if differ:
+        raise ValueError(f"the run's {what} is not {base}'s ({len(differ)} of {len(run)} tensors differ, e.g. "
+                         f"{differ[0]}): its stages read other ids or latents than {base}'s; export the whole run "
+                         f"without --base, or train on {base}'s {what}")
+
+
+def export_onto(run_dir: Path, to: Path, base: Path, p: TrainPreset, dtype: str = "auto") -> Path:
+    """A copy of `base` with the ar and/or decoder stage this run trained from scratch (see the module docstring)."""
+    from glmimage.loading import resolve
+    from glmimage.train import ar, decoder, tokenizer
+    base = resolve(base)
+    stages = [s for s in ("ar", "decoder") if checkpoint_path(run_dir, s) is not None]
+    if not stages:
+        raise ValueError(f"{run_dir} holds no ar or decoder stage to put into {base}")
+    cks = {s: load_stage(run_dir, s) for s in stages}
+    if any((ck.get("identity") or {}).get("init") for ck in cks.values()):
+        raise ValueError(f"{run_dir} fine-tunes a model (--init): export it without --base")
+    if to.resolve() == base.resolve():
+        raise ValueError(f"--to {to} is --base's own folder; export to a new one")
+    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    vle_dt = explicit or stored_dtype(base / "vision_language_encoder")
+    vq_model = tokenizer.load_tokenizer(p, run_dir)
+    _check_same(_state(vq_model, VISION_KEY_PREFIXES, stored_dtype(base / "vision_language_encoder")),
+                _stored(base / "vision_language_encoder"), "image tokenizer", base)
+    vq = _state(vq_model, VISION_KEY_PREFIXES, vle_dt)      # the run's own numbers, stored at the export's dtype
+    if "decoder" in cks:
+        vae, _, _ = decoder.load_vae(p, run_dir)
+        if checkpoint_path(run_dir, "vae_decoder") is not None:
+            vae.load_state_dict(trained_weights(load_stage(run_dir, "vae_decoder"), "vae"))
+        _check_same(_state(vae, None, stored_dtype(base / "vae")), _stored(base / "vae"), "VAE", base)
+    replaced = {base / "vision_language_encoder"} if "ar" in cks else set()
+    replaced |= {base / "transformer", base / "text_encoder"} if "decoder" in cks else set()
+
+    def weights_to_replace(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if ".safetensors" in n] if Path(folder) in replaced else []
+
+    shutil.copytree(base, to, ignore=weights_to_replace, dirs_exist_ok=True)
+    if "ar" in cks:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(cks["ar"]["extra"]["text_tokenizer"])
+        model = ar.build_ar(p, ar.text_vocab_size(tok, p), 0)
+        model.load_state_dict(trained_weights(cks["ar"], "ar"))
+        cfg = model_configs(p, ar.text_vocab_size(tok, p))["vision_language_encoder"]
+        (to / "vision_language_encoder" / "config.json").write_text(json.dumps(cfg, indent=2))
+        replace_weights(to / "vision_language_encoder", "model.safetensors",
+                        {**_state(model, AR_KEY_PREFIXES, vle_dt), **vq})
+        tok.save(str(to / "processor" / "tokenizer.json"))
+    if "decoder" in cks:
+        dit = decoder.build_dit(p, 0)
+        dit.load_state_dict(trained_weights(cks["decoder"], "dit"))
+        dt = explicit or stored_dtype(base / "transformer")
+        replace_weights(to / "transformer", "diffusion_pytorch_model.safetensors", _state(dit, None, dt))
+        glyph = decoder.build_glyph(p, 0)
+        glyph.t5.load_state_dict(cks["decoder"]["models"]["glyph"])
+        copy.deepcopy(glyph.t5).to(explicit or stored_dtype(base / "text_encoder")).save_pretrained(to / "text_encoder")
     return to
