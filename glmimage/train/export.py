@@ -213,17 +213,20 @@ def export_finetuned(run_dir: Path, to: Path, stages: list[str], dtype: str = "a
     return to
 
 
-def _stored(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _stored(folder: Path, keys=None) -> dict[str, torch.Tensor]:
+    """A component folder's stored tensors (those named in `keys` only, when given: the rest is never read)."""
+    from safetensors import safe_open
     from glmimage.loading import safetensors_files
     out = {}
     for f in safetensors_files(folder):
-        out.update(load_file(str(f)))
+        with safe_open(str(f), framework="pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys() if keys is None or k in keys})
     return out
 
 
-def _check_same(run: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], what: str, base: Path) -> None:
-    """Every tensor of `run` (cast to the stored dtype) equals `stored`'s of the same name."""
+def _check_same(run: dict[str, torch.Tensor], folder: Path, what: str, base: Path) -> None:
+    """Every tensor of `run` (cast to the stored dtype) equals the one of the same name stored in `folder`."""
+    stored = _stored(folder, set(run))
     differ = [k for k, t in run.items() if k not in stored or not torch.equal(t, stored[k])]
     if differ:
         raise ValueError(f"the run's {what} is not {base}'s ({len(differ)} of {len(run)} tensors differ, e.g. "
@@ -248,13 +251,13 @@ def export_onto(run_dir: Path, to: Path, base: Path, p: TrainPreset, dtype: str 
     vle_dt = explicit or stored_dtype(base / "vision_language_encoder")
     vq_model = tokenizer.load_tokenizer(p, run_dir)
     _check_same(_state(vq_model, VISION_KEY_PREFIXES, stored_dtype(base / "vision_language_encoder")),
-                _stored(base / "vision_language_encoder"), "image tokenizer", base)
+                base / "vision_language_encoder", "image tokenizer", base)
     vq = _state(vq_model, VISION_KEY_PREFIXES, vle_dt)      # the run's own numbers, stored at the export's dtype
     if "decoder" in cks:
         vae, _, _ = decoder.load_vae(p, run_dir)
         if checkpoint_path(run_dir, "vae_decoder") is not None:
             vae.load_state_dict(trained_weights(load_stage(run_dir, "vae_decoder"), "vae"))
-        _check_same(_state(vae, None, stored_dtype(base / "vae")), _stored(base / "vae"), "VAE", base)
+        _check_same(_state(vae, None, stored_dtype(base / "vae")), base / "vae", "VAE", base)
     replaced = {base / "vision_language_encoder"} if "ar" in cks else set()
     replaced |= {base / "transformer", base / "text_encoder"} if "decoder" in cks else set()
 
