@@ -66,26 +66,44 @@ def _save(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def run_vae(preset: TrainPreset, run_dir: Path):
+    """A run's VAE (its decoder-only fine-tune applied, when run) and latent mean / std."""
+    from glmimage.train import decoder
+    vae, mean, std = decoder.load_vae(preset, run_dir)
+    if checkpoint_path(run_dir, "vae_decoder") is not None:
+        vae.load_state_dict(trained_weights(load_stage(run_dir, "vae_decoder"), "vae"))
+    return vae, mean, std
+
+
+def run_ar(preset: TrainPreset, ck: dict):
+    """An ar stage checkpoint's AR (eval mode) and caption tokenizer."""
+    from tokenizers import Tokenizer
+    from glmimage.train import ar
+    tok = Tokenizer.from_str(ck["extra"]["text_tokenizer"])
+    model = ar.build_ar(preset, ar.text_vocab_size(tok, preset), 0)
+    model.load_state_dict(trained_weights(ck, "ar"))
+    return model.eval(), tok
+
+
+def run_decoder(preset: TrainPreset, ck: dict):
+    """A decoder stage checkpoint's DiT (eval mode) and glyph encoder."""
+    from glmimage.train import decoder
+    dit = decoder.build_dit(preset, 0)
+    dit.load_state_dict(trained_weights(ck, "dit"))
+    glyph = decoder.build_glyph(preset, 0)
+    glyph.t5.load_state_dict(ck["models"]["glyph"])
+    return dit.eval(), glyph
+
+
 def load_models(preset: TrainPreset, run_dir: Path) -> dict:
     """Every trained module of a run folder, in eval mode."""
-    from tokenizers import Tokenizer
-    from glmimage.train import ar, decoder, tokenizer
+    from glmimage.train import tokenizer
 
-    vae, mean, std = decoder.load_vae(preset, run_dir)
-    if checkpoint_path(run_dir, "vae_decoder") is not None:          # the decoder-only fine-tune, when run
-        vae.load_state_dict(trained_weights(load_stage(run_dir, "vae_decoder"), "vae"))
-    vq = tokenizer.load_tokenizer(preset, run_dir)
-    ar_ck = load_stage(run_dir, "ar")
-    tok = Tokenizer.from_str(ar_ck["extra"]["text_tokenizer"])
-    model = ar.build_ar(preset, ar.text_vocab_size(tok, preset), 0)
-    model.load_state_dict(trained_weights(ar_ck, "ar"))
-    dec_ck = load_stage(run_dir, "decoder")
-    dit = decoder.build_dit(preset, 0)
-    dit.load_state_dict(trained_weights(dec_ck, "dit"))
-    glyph = decoder.build_glyph(preset, 0)
-    glyph.t5.load_state_dict(dec_ck["models"]["glyph"])
-    return dict(vae=vae, latents_mean=mean.flatten().tolist(), latents_std=std.flatten().tolist(), vq=vq,
-                ar=model.eval(), text_tokenizer=tok, dit=dit.eval(), glyph=glyph)
+    vae, mean, std = run_vae(preset, run_dir)
+    model, tok = run_ar(preset, load_stage(run_dir, "ar"))
+    dit, glyph = run_decoder(preset, load_stage(run_dir, "decoder"))
+    return dict(vae=vae, latents_mean=mean.flatten().tolist(), latents_std=std.flatten().tolist(),
+                vq=tokenizer.load_tokenizer(preset, run_dir), ar=model, text_tokenizer=tok, dit=dit, glyph=glyph)
 
 
 def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto", base: Path | None = None) -> Path:
@@ -237,7 +255,7 @@ def _check_same(run: dict[str, torch.Tensor], folder: Path, what: str, base: Pat
 def export_onto(run_dir: Path, to: Path, base: Path, p: TrainPreset, dtype: str = "auto") -> Path:
     """A copy of `base` with the ar and/or decoder stage this run trained from scratch (see the module docstring)."""
     from glmimage.loading import resolve
-    from glmimage.train import ar, decoder, tokenizer
+    from glmimage.train import ar, tokenizer
     base = resolve(base)
     stages = [s for s in ("ar", "decoder") if checkpoint_path(run_dir, s) is not None]
     if not stages:
@@ -254,9 +272,7 @@ def export_onto(run_dir: Path, to: Path, base: Path, p: TrainPreset, dtype: str 
                 base / "vision_language_encoder", "image tokenizer", base)
     vq = _state(vq_model, VISION_KEY_PREFIXES, vle_dt)      # the run's own numbers, stored at the export's dtype
     if "decoder" in cks:
-        vae, _, _ = decoder.load_vae(p, run_dir)
-        if checkpoint_path(run_dir, "vae_decoder") is not None:
-            vae.load_state_dict(trained_weights(load_stage(run_dir, "vae_decoder"), "vae"))
+        vae, _, _ = run_vae(p, run_dir)
         _check_same(_state(vae, None, stored_dtype(base / "vae")), base / "vae", "VAE", base)
     replaced = {base / "vision_language_encoder"} if "ar" in cks else set()
     replaced |= {base / "transformer", base / "text_encoder"} if "decoder" in cks else set()
@@ -266,21 +282,15 @@ def export_onto(run_dir: Path, to: Path, base: Path, p: TrainPreset, dtype: str 
 
     shutil.copytree(base, to, ignore=weights_to_replace, dirs_exist_ok=True)
     if "ar" in cks:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_str(cks["ar"]["extra"]["text_tokenizer"])
-        model = ar.build_ar(p, ar.text_vocab_size(tok, p), 0)
-        model.load_state_dict(trained_weights(cks["ar"], "ar"))
+        model, tok = run_ar(p, cks["ar"])
         cfg = model_configs(p, ar.text_vocab_size(tok, p))["vision_language_encoder"]
         (to / "vision_language_encoder" / "config.json").write_text(json.dumps(cfg, indent=2))
         replace_weights(to / "vision_language_encoder", "model.safetensors",
                         {**_state(model, AR_KEY_PREFIXES, vle_dt), **vq})
         tok.save(str(to / "processor" / "tokenizer.json"))
     if "decoder" in cks:
-        dit = decoder.build_dit(p, 0)
-        dit.load_state_dict(trained_weights(cks["decoder"], "dit"))
+        dit, glyph = run_decoder(p, cks["decoder"])
         dt = explicit or stored_dtype(base / "transformer")
         replace_weights(to / "transformer", "diffusion_pytorch_model.safetensors", _state(dit, None, dt))
-        glyph = decoder.build_glyph(p, 0)
-        glyph.t5.load_state_dict(cks["decoder"]["models"]["glyph"])
         copy.deepcopy(glyph.t5).to(explicit or stored_dtype(base / "text_encoder")).save_pretrained(to / "text_encoder")
     return to
