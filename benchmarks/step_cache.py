@@ -5,7 +5,7 @@ threshold. Reported per threshold: DiT seconds per image, steps whose later bloc
 PSNR / max difference against the exact one (means over the prompts; the DiT times are each the best of --repeat).
 
     python benchmarks/step_cache.py --model glmimage/assets/model --steps 20 --n 20 \\
-        --thresholds 0.05,0.1,0.2,0.3 --out benchmarks/results/step-cache-small-cpu.json
+        --thresholds 0.05,0.1,0.2,0.3 --out benchmarks/results/step-cache-small-cpu.json  # --steps 50: ...-50steps-cpu.json
 """
 from __future__ import annotations
 
