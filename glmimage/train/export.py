@@ -266,10 +266,11 @@ def export_onto(run_dir: Path, to: Path, base: Path, p: TrainPreset, dtype: str 
     if to.resolve() == base.resolve():
         raise ValueError(f"--to {to} is --base's own folder; export to a new one")
     explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-    vle_dt = explicit or stored_dtype(base / "vision_language_encoder")
+    base_vle_dt = stored_dtype(base / "vision_language_encoder")
+    vle_dt = explicit or base_vle_dt
     vq_model = tokenizer.load_tokenizer(p, run_dir)
-    _check_same(_state(vq_model, VISION_KEY_PREFIXES, stored_dtype(base / "vision_language_encoder")),
-                base / "vision_language_encoder", "image tokenizer", base)
+    _check_same(_state(vq_model, VISION_KEY_PREFIXES, base_vle_dt), base / "vision_language_encoder",
+                "image tokenizer", base)
     vq = _state(vq_model, VISION_KEY_PREFIXES, vle_dt)      # the run's own numbers, stored at the export's dtype
     if "decoder" in cks:
         vae, _, _ = run_vae(p, run_dir)
