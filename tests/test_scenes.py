@@ -391,6 +391,24 @@ def test_oracle_tokens_eval_decodes_ground_truth_ids(tmp_path, monkeypatch):
     assert torch.equal(ids, pipe.encode_references([S.render(target)])[0])
 
 
+@pytest.mark.parametrize("flag, expected", [([], None), (["--temperature", "0"], 0.0)])
+def test_eval_temperature_reaches_every_generation(tmp_path, monkeypatch, flag, expected):
+    """--temperature overrides the model's generation_config for prompts and edits alike; without it the pipeline
+    gets None (its own default)."""
+    from glmimage.pipeline import Pipeline
+    from glmimage.train import evaluate as TE
+
+    seen, real_call = [], Pipeline.__call__
+
+    def spy(self, *a, temperature="unset", **k):
+        seen.append(temperature)
+        return real_call(self, *a, temperature=temperature, **k)
+
+    monkeypatch.setattr(Pipeline, "__call__", spy)
+    TE.main(["--n", "1", "--n-edit", "1", "--steps", "1", "--out", str(tmp_path), *flag])
+    assert seen == [expected] * 3                           # timing + 1 prompt + 1 edit
+
+
 def test_vae_roundtrip_eval_scores_ground_truth_through_the_vae(tmp_path, monkeypatch):
     """--vae-roundtrip: neither the AR nor the DiT runs; prompts and edit targets are rendered, encoded, decoded."""
     from glmimage.pipeline import Pipeline

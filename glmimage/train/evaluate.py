@@ -34,7 +34,7 @@ SAMPLE_PROMPTS = [
 
 
 def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = False, vae_roundtrip: bool = False,
-         step_cache: float = 0.0, int8: str | None = None):
+         step_cache: float = 0.0, int8: str | None = None, temperature: float | None = None):
     from glmimage.eval_scenes import ground_truth_generate_fn
     from glmimage.pipeline import Pipeline
     from glmimage.vae import pil_to_pixels, pixels_to_pil
@@ -51,14 +51,15 @@ def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = F
             return roundtrip(render_truth(prompt, seed))
         prior = pipe.encode_references([render_truth(prompt, seed)])[0] if oracle_tokens else None
         return pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                    prior_token_ids=prior, step_cache=step_cache)[0]
+                    prior_token_ids=prior, step_cache=step_cache, temperature=temperature)[0]
 
     def edit(instruction: str, source: Image.Image, seed: int, truth: Image.Image) -> Image.Image:
         if vae_roundtrip:
             return roundtrip(truth)
         prior = pipe.encode_references([truth])[0] if oracle_tokens else None
         return pipe(instruction, height=size, width=size, image=source, num_inference_steps=steps,
-                    guidance_scale=guidance, seed=seed, prior_token_ids=prior, step_cache=step_cache)[0]
+                    guidance_scale=guidance, seed=seed, prior_token_ids=prior, step_cache=step_cache,
+                    temperature=temperature)[0]
 
     return pipe, generate, edit, size
 
@@ -80,6 +81,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="the AR's sampling temperature (default: the model's generation_config.json; 0 = greedy)")
     ap.add_argument("--step-cache", type=float, default=0.0, help="the pipeline's step_cache threshold (0 = off)")
     ap.add_argument("--int8", default=None, choices=["ar", "dit", "all"], help="the pipeline's int8 option")
     ap.add_argument("--out", required=True)
@@ -95,7 +98,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from glmimage.eval_scenes import evaluate
     pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens, args.vae_roundtrip,
-                                      args.step_cache, args.int8)
+                                      args.step_cache, args.int8, args.temperature)
     t = time.perf_counter()
     generate(SAMPLE_PROMPTS[0], 0)
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
