@@ -47,6 +47,21 @@ def test_resume_gives_the_same_losses(runs, stage):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
+def test_resume_with_more_steps_recomputes_the_schedule(runs, tmp_path):
+    """A finished run trained on with --resume and a larger --steps: the logged steps so far are kept as they were,
+    the new ones follow the cosine for the new total from where it resumes (the rate rises, then decays again)."""
+    from glmimage.train.common import lr_at
+    full, _ = runs
+    shutil.copytree(full / "vae", tmp_path / "vae")
+    preset = get_preset("debug")
+    before = read_log(tmp_path / "vae" / "log.jsonl")
+    after = vae.train(preset, tmp_path, steps=STEPS + 2, resume=True, progress=False)
+    cfg = preset.stages["vae"]
+    assert [r["step"] for r in after] == list(range(STEPS + 2)) and after[:STEPS] == before
+    assert [r["lr"] for r in after[STEPS:]] == pytest.approx([lr_at(s, cfg, STEPS + 2) for s in (STEPS, STEPS + 1)])
+    assert after[STEPS]["lr"] > before[-1]["lr"] and load_stage(tmp_path, "vae")["step"] == STEPS + 2
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_checkpoint_and_outputs(runs, stage):
     full, _ = runs
