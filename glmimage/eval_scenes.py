@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from glmimage.data.scenes import (
-    BACKGROUNDS, CELLS, COLOURS, EDIT_KINDS, ROWS, SIZES, STAR_INNER, Scene, caption, parse_caption,
+    BACKGROUNDS, CELLS, COLOURS, EDIT_KINDS, ROWS, SHAPES, SIZES, STAR_INNER, Scene, caption, parse_caption,
     place_scene, render, sample_edit, sample_edit_scene, sample_scene, word_kind,
 )
 
@@ -359,6 +359,22 @@ def _mean(values) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
+def object_breakdown(objects: list[dict]) -> dict:
+    """What goes wrong with the asked objects: the share found at all (an object of the asked colour paired with
+    it), each attribute's accuracy over all asked objects (a missing object is wrong in every one), and the object
+    accuracy per asked shape and per asked size."""
+    def right(o, key):
+        return o["found"] is not None and o["found"][key] == o["asked"][key]
+    return {
+        "objects_found": _mean(o["found"] is not None for o in objects),
+        "attribute_accuracy": {k: _mean(right(o, k) for o in objects) for k in ("shape", "size", "cell")},
+        "object_accuracy_by_shape": {sh: _mean(o["right"] for o in objects if o["asked"]["shape"] == sh)
+                                     for sh in SHAPES},
+        "object_accuracy_by_size": {sz: _mean(o["right"] for o in objects if o["asked"]["size"] == sz)
+                                    for sz in SIZES},
+    }
+
+
 def score(results: list[dict]) -> dict:
     """Aggregate check_scene / check_edit results. Text-to-image results (no 'edit_kind') give object,
     scene-exact, background and word scores; edit results give edit success overall and per kind."""
@@ -370,6 +386,7 @@ def score(results: list[dict]) -> dict:
         "scene_exact": _mean(r["exact"] for r in t2i),
         "background_accuracy": _mean(r["background_right"] for r in t2i),
         "extra_objects_per_image": _mean(len(r["extra"]) for r in t2i),
+        **object_breakdown([o for r in t2i for o in r["objects"]]),
         "word": {},
     }
     for kind in ("latin", "unseen", "chinese"):

@@ -241,6 +241,8 @@ def test_checker_on_ground_truth_shapes():
     scores = _gt_scores(100, (128, 128), seed=10, word_p=0.3, ocr=False)
     assert scores["object_accuracy"] >= 0.99 and scores["scene_exact"] >= 0.99
     assert scores["background_accuracy"] == 1.0 and scores["extra_objects_per_image"] == 0
+    assert min(scores["attribute_accuracy"].values()) >= 0.99 and scores["objects_found"] >= 0.99
+    assert min(scores["object_accuracy_by_shape"].values()) >= 0.97 and min(scores["object_accuracy_by_size"].values()) >= 0.97
     for size in ((64, 96), (256, 256)):
         scores = _gt_scores(20, size, seed=11, word_p=0.3, ocr=False)
         assert scores["object_accuracy"] >= 0.95 and scores["extra_objects_per_image"] == 0, size
@@ -303,19 +305,25 @@ def _perturb(rng: random.Random, scene: S.Scene, how: str) -> S.Scene:
 @pytest.mark.parametrize("how", ["colour", "shape", "size", "move", "missing", "background"])
 def test_checker_rejects_perturbed_scenes(how):
     rng = random.Random(20)
-    tried = 0
-    while tried < 15:
+    results = []
+    while len(results) < 15:
         scene = S.sample_scene(rng, n_objects=rng.randint(2, 3), word=None)
         wrong = _perturb(rng, scene, how)
         if wrong is None:
             continue
-        tried += 1
         result = E.check_scene(S.render(wrong), scene, ocr=False)
+        results.append(result)
         assert not result["exact"], (how, scene, wrong)
         if how == "background":
             assert not result["background_right"] and all(o["right"] for o in result["objects"])
         else:
             assert sum(not o["right"] for o in result["objects"]) == 1, (how, result)
+    # the breakdown puts the blame on the attribute that was changed, and only there
+    scores = E.score(results)
+    attribute = {"shape": "shape", "size": "size", "move": "cell"}.get(how)
+    for k, v in scores["attribute_accuracy"].items():
+        assert (v < 1.0) if k == attribute else (v == 1.0 or how in ("colour", "missing")), (how, scores)
+    assert (scores["objects_found"] < 1.0) == (how in ("colour", "missing")), (how, scores)
 
 
 @needs_ocr
