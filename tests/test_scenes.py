@@ -242,7 +242,7 @@ def test_checker_on_ground_truth_shapes():
     assert scores["object_accuracy"] >= 0.99 and scores["scene_exact"] >= 0.99
     assert scores["background_accuracy"] == 1.0 and scores["extra_objects_per_image"] == 0
     assert min(scores["attribute_accuracy"].values()) >= 0.99 and scores["objects_found"] >= 0.99
-    assert min(scores["object_accuracy_by_shape"].values()) >= 0.97 and min(scores["object_accuracy_by_size"].values()) >= 0.97
+    assert min([*scores["object_accuracy_by_shape"].values(), *scores["object_accuracy_by_size"].values()]) >= 0.97
     for size in ((64, 96), (256, 256)):
         scores = _gt_scores(20, size, seed=11, word_p=0.3, ocr=False)
         assert scores["object_accuracy"] >= 0.95 and scores["extra_objects_per_image"] == 0, size

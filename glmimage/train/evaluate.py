@@ -46,20 +46,20 @@ def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = F
     def roundtrip(truth: Image.Image) -> Image.Image:   # the VAE's own ceiling: a ground-truth render encoded, decoded
         return pixels_to_pil(pipe.vae.decode(pipe.vae.encode(pil_to_pixels(truth, size, size))))[0]
 
+    settings = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                    step_cache=step_cache, temperature=temperature)      # the same for prompts and edits
+
     def generate(prompt: str, seed: int) -> Image.Image:
         if vae_roundtrip:
             return roundtrip(render_truth(prompt, seed))
         prior = pipe.encode_references([render_truth(prompt, seed)])[0] if oracle_tokens else None
-        return pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                    prior_token_ids=prior, step_cache=step_cache, temperature=temperature)[0]
+        return pipe(prompt, seed=seed, prior_token_ids=prior, **settings)[0]
 
     def edit(instruction: str, source: Image.Image, seed: int, truth: Image.Image) -> Image.Image:
         if vae_roundtrip:
             return roundtrip(truth)
         prior = pipe.encode_references([truth])[0] if oracle_tokens else None
-        return pipe(instruction, height=size, width=size, image=source, num_inference_steps=steps,
-                    guidance_scale=guidance, seed=seed, prior_token_ids=prior, step_cache=step_cache,
-                    temperature=temperature)[0]
+        return pipe(instruction, image=source, seed=seed, prior_token_ids=prior, **settings)[0]
 
     return pipe, generate, edit, size
 
