@@ -57,7 +57,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="multiple of 32 (default: the model's native size)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="the decoder's classifier-free guidance (default: the model's own; the official model 1.5)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only the denoising steps whose sigma lies in (LO, HI] (1 = noise, 0 = data), the "
+                        "conditional branch alone elsewhere (default: the model's own; the official model 0 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -91,7 +95,8 @@ def cmd_generate(args, images=None) -> None:
     prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
     out = pipe(prompt, height=height, width=width, image=refs, num_inference_steps=args.steps,
                guidance_scale=args.guidance, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-               top_k=args.top_k, step_cache=args.step_cache, speculate=args.speculate)
+               top_k=args.top_k, step_cache=args.step_cache, speculate=args.speculate,
+               guidance_interval=args.guidance_interval)
     path = Path(args.output)
     paths = [path] if len(out) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(out))]
     for im, p in zip(out, paths):

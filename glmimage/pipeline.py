@@ -32,7 +32,7 @@ from glmimage.dit import DiT, DiTConfig, StepCache, adaln_key
 from glmimage.glyph import GlyphEncoder
 from glmimage.prompt import PromptTokenizer, collate
 from glmimage.quantize import quantize_int8
-from glmimage.schedule import denoise, make_schedule
+from glmimage.schedule import check_guidance_interval, denoise, make_schedule
 from glmimage.vae import VAE, pil_to_pixels, pixels_to_pil
 from glmimage.vision import VISION_KEY_PREFIXES, ImageTokenizer, VisionConfig, preprocess
 
@@ -142,13 +142,15 @@ def int8_parts(int8: bool | str | None) -> frozenset[str]:
 def sample_latents(dit: DiT, noise: torch.Tensor, glyph: torch.Tensor, glyph_len: torch.Tensor | None,
                    glyph_neg: torch.Tensor, prior: torch.Tensor, grid_hw: tuple[int, int], mods, timesteps, sigmas,
                    guidance: float, ref_kv=None, callback=None, step_cache: float = 0.0,
-                   forward: Callable | None = None, masked: bool = False) -> tuple[torch.Tensor, int]:
+                   forward: Callable | None = None, masked: bool = False,
+                   guidance_interval: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, int]:
     """Flow matching from noise [B, C, h, w] to fp32 latents with the DiT: glyph [B, T, Dt] (glyph_len [B]) and the
     prior ids [B, N] condition the first branch, glyph_neg and the dropped prior the CFG one (guidance > 1); mods
     every step's StepModulation ([steps, ...], DiT.modulation); ref_kv an edit's reference prefix (the conditional
     branch only; t2i runs both branches as one batch). step_cache > 0: dit.StepCache per branch call. forward: the
     velocity to call (default dit.velocity; a compiled form). masked: padded text always under a key mask
-    (DiT.batch_cfg), for compiled code. Returns (latents, steps skipped by the cache)."""
+    (DiT.batch_cfg), for compiled code. guidance_interval: the sigmas (lo, hi] that get guidance (schedule.denoise).
+    Returns (latents, steps skipped by the cache)."""
     B = noise.shape[0]
     ctx_c = dit.context(glyph, prior, False, grid_hw, ref_kv, txt_len=glyph_len)   # (a text mask spans the prefix)
     ctx_u = dit.context(glyph_neg, prior, True, grid_hw) if guidance > 1 else None
@@ -170,7 +172,8 @@ def sample_latents(dit: DiT, noise: torch.Tensor, glyph: torch.Tensor, glyph_len
         ctx = ctx_cfg if cond is None else ctx_c if cond else ctx_u
         return forward(x, ctx, mod=mod, cache=caches.get(cond)).float()
 
-    x = denoise(velocity, noise, timesteps, sigmas, guidance, callback=callback, batch_cfg=batch_cfg)
+    x = denoise(velocity, noise, timesteps, sigmas, guidance, callback=callback, batch_cfg=batch_cfg,
+                guidance_interval=guidance_interval)
     return x, max((c.skipped for c in caches.values()), default=0)
 
 
@@ -207,6 +210,9 @@ class Pipeline:
         ours = index.get("glmimage", {})          # our own models record these; the official checkpoint has none
         self.native_size = ours.get("native_size", 1024)                  # default height and width
         self.preview_side = ours.get("preview_side", 16)                  # t2i preview grid ~ side x side
+        # the decoder's CFG: the reference's 1.5 at every step, unless the model records its own
+        self.guidance_scale = float(ours.get("guidance_scale", 1.5))
+        self.guidance_interval = check_guidance_interval(ours.get("guidance_interval", (0.0, 1.0)))
         vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         self.dit_token_px = vae_scale * self.dit_cfg.patch_size           # pixels per DiT token (official: 16)
         if self.ar_token_px % self.dit_token_px:
@@ -372,6 +378,9 @@ class Pipeline:
                       .to(self.device, self.dtype) for im in images]
             return tokenizer.encode(pixels)
 
+    def _guidance_interval(self, interval) -> tuple[float, float]:
+        return self.guidance_interval if interval is None else check_guidance_interval(interval)
+
     def _sampling(self, temperature, top_p, top_k) -> tuple[float, float, int]:
         s = self.sampling
         temperature = s.temperature if temperature is None else temperature
@@ -444,17 +453,22 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None, image=None,
-                 num_inference_steps: int = 50, guidance_scale: float = 1.5, seed: int | list[int] | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float | None = None,
+                 seed: int | list[int] | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  prior_token_ids: torch.Tensor | None = None,
                  callback: Callable[[int, torch.Tensor], None] | None = None,
                  on_preview: Callable[[Image.Image], None] | None = None, preview_steps: int = 4,
-                 step_cache: float = 0.0, speculate: int = 0, timings: dict | None = None) -> list[Image.Image]:
+                 step_cache: float = 0.0, speculate: int = 0, guidance_interval: tuple[float, float] | None = None,
+                 timings: dict | None = None) -> list[Image.Image]:
         """prompt (+ reference images for edits) -> images. height/width default to the model's native size.
 
         A list of prompts runs as one batch through every stage (text-to-image) and returns one image per
         prompt; seed s gives image b the seed s+b, so each image equals that prompt generated alone with it
-        (or pass one seed per prompt). callback(step, latents) runs after every denoising step. on_preview(image)
+        (or pass one seed per prompt). guidance_scale: the decoder's classifier-free guidance; guidance_interval
+        (lo, hi): guide only the steps whose sigma lies in (lo, hi] (1 = noise, 0 = data; the others run the
+        conditional branch alone, which also saves its forward); both default to the model's own (model_index.json's
+        "glmimage" entry; the official model: 1.5 at every step, (0, 1)). callback(step, latents) runs after every denoising step. on_preview(image)
         receives a low-resolution preview decoded from the t2i preview grid (`preview_steps` Euler steps, no
         CFG) as soon as the AR has written it, before the large grid exists (once per image, in order).
         step_cache > 0 skips the DiT's blocks after the first at steps whose first-block output has moved less than
@@ -465,6 +479,7 @@ class Pipeline:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         StepCache(step_cache)                           # a bad threshold fails here, before any work
+        guidance_interval = self._guidance_interval(guidance_interval)   # so does a bad interval
         check_speculate(speculate)                      # so does a bad speculate
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
@@ -504,15 +519,19 @@ class Pipeline:
             timings["grid"] = grid[0].tolist() if isinstance(prompt, str) else grid.tolist()
         return self.decode_grid(prompts, grid, height, width, num_inference_steps, guidance_scale, seeds,
                                 images=images, ref_ids=ref_ids, callback=callback, step_cache=step_cache,
-                                timings=timings)
+                                guidance_interval=guidance_interval, timings=timings)
 
     @torch.no_grad()
     def decode_grid(self, prompt: str | list[str], grid: torch.Tensor, height: int, width: int,
-                    num_inference_steps: int, guidance_scale: float, seed: int | list[int],
+                    num_inference_steps: int, guidance_scale: float | None, seed: int | list[int],
                     images: list[Image.Image] = (), ref_ids: list[torch.Tensor] = (), callback=None,
-                    step_cache: float = 0.0, timings: dict | None = None) -> list[Image.Image]:
+                    step_cache: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+                    timings: dict | None = None) -> list[Image.Image]:
         """The decoder half: AR grid [th, tw] or [B, th, tw] -> B images, through glyph, DiT and VAE. prompt: one
-        for all, or one per image; seed: an int (image b gets seed + b) or one per image (its noise's seed)."""
+        for all, or one per image; seed: an int (image b gets seed + b) or one per image (its noise's seed).
+        guidance_scale / guidance_interval: None takes the model's own (see __call__)."""
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        guidance_interval = self._guidance_interval(guidance_interval)
         grid = grid if grid.dim() == 3 else grid[None]
         B = grid.shape[0]
         prompts = self._prompts(prompt)
@@ -546,7 +565,8 @@ class Pipeline:
         with self._stage("dit", timings) as dit:
             ref_kv = dit.reference_kv(*ref_latents, mods=ref_mods) if ref_latents is not None else None
             latents = self._denoise(dit, noise, (glyph, glyph_len), glyph_neg, prior, ref_kv, grid_hw, mods,
-                                    timesteps, sigmas, guidance_scale, callback, step_cache, timings)
+                                    timesteps, sigmas, guidance_scale, callback, step_cache, timings,
+                                    guidance_interval)
         del dit, ref_kv               # with offload the DiT is freed before the VAE loads (not held through it)
         if timings is not None:
             timings["dit"] += timings.pop("dit_adaln", 0.0)
@@ -557,12 +577,12 @@ class Pipeline:
             return pixels_to_pil(vae.decode(latents))
 
     def _denoise(self, dit: DiT, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, mods, timesteps, sigmas, guidance,
-                 callback, step_cache=0.0, timings=None):
+                 callback, step_cache=0.0, timings=None, guidance_interval=(0.0, 1.0)):
         shared = self._dit_compiled_unfrozen
         x, skipped = sample_latents(dit, noise.to(self.device), *glyph, glyph_neg, prior, grid_hw, mods, timesteps,
                                     sigmas, guidance, ref_kv, callback, step_cache,
                                     functools.partial(_shared_velocity(), dit) if shared else dit.velocity,
-                                    masked=self.compiled)
+                                    masked=self.compiled, guidance_interval=guidance_interval)
         if timings is not None and step_cache > 0:
             timings["dit_steps_cached"] = skipped
         return x

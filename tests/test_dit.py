@@ -345,6 +345,41 @@ def test_denoise_matches_scheduler_step():
         assert torch.equal(got, want)
 
 
+def test_guidance_interval_guides_only_its_steps():
+    """CFG only where sigma lies in (lo, hi]; elsewhere the conditional branch alone, its unconditional forward not
+    run. Equal to a hand-written loop that switches the scale per step; (0, 1) is the plain sampler."""
+    timesteps, sigmas = make_schedule(8, 64, OFFICIAL_SCHEDULER)
+    g = torch.Generator().manual_seed(1)
+    noise, a, b = (torch.randn(1, 4, 6, 6, generator=g) for _ in range(3))
+
+    def model(x, i, is_cond):
+        calls.append(is_cond)
+        if is_cond is None:                                       # batched: [x; x] -> [v_cond; v_uncond]
+            return torch.cat([x[:1] * 0.5 + a * (i + 1), x[1:] * -0.25 + b])
+        return x * 0.5 + a * (i + 1) if is_cond else x * -0.25 + b
+
+    lo, hi = 0.2, 0.8
+    inside = [lo < s <= hi for s in sigmas[:-1].tolist()]
+    assert 0 < sum(inside) < len(inside)                          # the test's interval splits the schedule
+    want = noise.clone()
+    for i, guided in enumerate(inside):
+        c, u = want * 0.5 + a * (i + 1), want * -0.25 + b
+        want = want + (sigmas[i + 1] - sigmas[i]) * (u + 3.0 * (c - u) if guided else c)
+    for batch_cfg in (False, True):
+        calls = []
+        got = denoise(model, noise, timesteps, sigmas, 3.0, batch_cfg=batch_cfg, guidance_interval=(lo, hi))
+        both = [None] if batch_cfg else [True, False]
+        assert calls == [c for guided in inside for c in (both if guided else [True])]
+        assert torch.allclose(got, want, atol=1e-5)
+        calls = []
+        full = denoise(model, noise, timesteps, sigmas, 3.0, batch_cfg=batch_cfg, guidance_interval=(0.0, 1.0))
+        assert calls == both * 8
+        assert torch.equal(full, denoise(model, noise, timesteps, sigmas, 3.0, batch_cfg=batch_cfg))
+    for bad in [(0.5, 0.5), (-0.1, 1.0), (0.9, 0.1), (1.0,), "ab", None]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            denoise(model, noise, timesteps, sigmas, 3.0, guidance_interval=bad)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The official folder layout (tiny random checkpoint)
 

@@ -108,6 +108,34 @@ def test_bad_batches_raise(pipe, kwargs, msg):
         pipe(height=64, width=64, num_inference_steps=1, **kwargs)
 
 
+def test_guidance_defaults_come_from_the_model(debug_ckpt, tmp_path):
+    """model_index.json's "glmimage" entry may set the decoder's guidance (scale, sigma interval); without it the
+    reference's 1.5 at every step. An explicit argument overrides the model's; a bad interval fails before any work."""
+    import json
+    import shutil
+    grid = _random_grid(Pipeline.from_pretrained(debug_ckpt), 2, 2, seed=3)
+    official = Pipeline.from_pretrained(debug_ckpt)
+    assert (official.guidance_scale, official.guidance_interval) == (1.5, (0.0, 1.0))
+    model = tmp_path / "model"
+    shutil.copytree(debug_ckpt, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["glmimage"] = {**index.get("glmimage", {}), "guidance_scale": 3.0, "guidance_interval": [0.0, 0.8]}
+    (model / "model_index.json").write_text(json.dumps(index))
+    ours = Pipeline.from_pretrained(model)
+    run = lambda p, **kw: np.asarray(p(PROMPT, height=64, width=64, num_inference_steps=4, seed=2,
+                                       prior_token_ids=grid, **kw)[0], dtype=np.int16)
+    default = run(ours)
+    assert np.array_equal(default, run(official, guidance_scale=3.0, guidance_interval=(0.0, 0.8)))
+    assert np.array_equal(run(ours, guidance_scale=1.5, guidance_interval=(0, 1)), run(official))
+    assert np.abs(default - run(official)).max() > 0
+    with pytest.raises(ValueError, match="guidance_interval"):
+        ours(PROMPT, height=64, width=64, guidance_interval=(0.8, 0.2))
+    index["glmimage"]["guidance_interval"] = [1.0, 0.5]
+    (model / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="guidance_interval"):
+        Pipeline.from_pretrained(model)
+
+
 def test_greedy_prior_is_deterministic_and_full(pipe):
     g1 = pipe.prior_tokens(PROMPT, height=64, width=96, temperature=0, seed=1)
     g2 = pipe.prior_tokens(PROMPT, height=64, width=96, temperature=0, seed=2)
@@ -145,6 +173,12 @@ def test_cli_generate(debug_ckpt, tmp_path):
     main(["generate", "--int8", "--int8-dit", PROMPT, "--model", str(debug_ckpt), "--height", "64", "--width", "64",
           "--steps", "4", "--step-cache", "0.5", "--speculate", "3", "-o", str(out)])   # memory and speed options
     assert Image.open(out).size == (64, 64)
+    a = tmp_path / "a.png"
+    main(["generate", PROMPT, "--model", str(debug_ckpt), "--height", "64", "--width", "64", "--steps", "4",
+          "--guidance", "3", "--guidance-interval", "0", "0.8", "-o", str(a)])
+    b = Pipeline.from_pretrained(debug_ckpt)(PROMPT, height=64, width=64, num_inference_steps=4, seed=0,
+                                               guidance_scale=3.0, guidance_interval=(0.0, 0.8))[0]
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(b))
 
 
 def test_bundled_model_loads_offline_by_default():

@@ -399,18 +399,20 @@ def test_oracle_tokens_eval_decodes_ground_truth_ids(tmp_path, monkeypatch):
     assert torch.equal(ids, pipe.encode_references([S.render(target)])[0])
 
 
-@pytest.mark.parametrize("flag, expected", [([], None), (["--temperature", "0"], 0.0)])
-def test_eval_temperature_reaches_every_generation(tmp_path, monkeypatch, flag, expected):
-    """--temperature overrides the model's generation_config for prompts and edits alike; without it the pipeline
-    gets None (its own default)."""
+@pytest.mark.parametrize("flag, expected", [
+    ([], (None, None, None)), (["--temperature", "0"], (0.0, None, None)),
+    (["--guidance", "2.5", "--guidance-interval", "0", "0.8"], (None, 2.5, [0.0, 0.8]))])
+def test_eval_sampling_flags_reach_every_generation(tmp_path, monkeypatch, flag, expected):
+    """--temperature, --guidance and --guidance-interval override the model's defaults for prompts and edits alike;
+    without them the pipeline gets None (its own defaults)."""
     from glmimage.pipeline import Pipeline
     from glmimage.train import evaluate as TE
 
     seen, real_call = [], Pipeline.__call__
 
-    def spy(self, *a, temperature="unset", **k):
-        seen.append(temperature)
-        return real_call(self, *a, temperature=temperature, **k)
+    def spy(self, *a, **k):
+        seen.append((k["temperature"], k["guidance_scale"], k["guidance_interval"]))
+        return real_call(self, *a, **k)
 
     monkeypatch.setattr(Pipeline, "__call__", spy)
     TE.main(["--n", "1", "--n-edit", "1", "--steps", "1", "--out", str(tmp_path), *flag])

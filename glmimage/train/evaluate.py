@@ -33,8 +33,9 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = False, vae_roundtrip: bool = False,
-         step_cache: float = 0.0, int8: str | None = None, temperature: float | None = None):
+def load(model: str | None, steps: int, guidance: float | None, oracle_tokens: bool = False,
+         vae_roundtrip: bool = False, step_cache: float = 0.0, int8: str | None = None,
+         temperature: float | None = None, guidance_interval: tuple[float, float] | None = None):
     from glmimage.eval_scenes import ground_truth_generate_fn
     from glmimage.pipeline import Pipeline
     from glmimage.vae import pil_to_pixels, pixels_to_pil
@@ -47,6 +48,7 @@ def load(model: str | None, steps: int, guidance: float, oracle_tokens: bool = F
         return pixels_to_pil(pipe.vae.decode(pipe.vae.encode(pil_to_pixels(truth, size, size))))[0]
 
     settings = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                    guidance_interval=guidance_interval,
                     step_cache=step_cache, temperature=temperature)      # the same for prompts and edits
 
     def generate(prompt: str, seed: int) -> Image.Image:
@@ -80,7 +82,10 @@ def main(argv=None) -> None:
     ap.add_argument("--n-edit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="the decoder's CFG scale (default: the model's own, model_index.json; else 1.5)")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="guide only the steps whose sigma lies in (LO, HI] (default: the model's own; else 0 1)")
     ap.add_argument("--temperature", type=float, default=None,
                     help="the AR's sampling temperature (default: the model's generation_config.json; 0 = greedy)")
     ap.add_argument("--step-cache", type=float, default=0.0, help="the pipeline's step_cache threshold (0 = off)")
@@ -98,7 +103,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from glmimage.eval_scenes import evaluate
     pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens, args.vae_roundtrip,
-                                      args.step_cache, args.int8, args.temperature)
+                                      args.step_cache, args.int8, args.temperature, args.guidance_interval)
     t = time.perf_counter()
     generate(SAMPLE_PROMPTS[0], 0)
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
