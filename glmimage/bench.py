@@ -241,8 +241,8 @@ def worker_ours(args, device, dtype) -> dict:
         sync(device)
         t = time.perf_counter()
         image = pipe(PROMPT if batch == 1 else [PROMPT] * batch, height=args.height, width=args.width,
-                     num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_interval=(0.0, 1.0),
-                     seed=args.seed,
+                     num_inference_steps=args.steps, guidance_scale=args.guidance,
+                     guidance_interval=(0.0, 1.0), seed=args.seed,    # the reference's sampler: CFG at every step
                      prior_token_ids=prior, step_cache=args.step_cache, speculate=args.speculate,
                      timings=timings)[0]
         sync(device)

@@ -467,10 +467,11 @@ class Pipeline:
         prompt; seed s gives image b the seed s+b, so each image equals that prompt generated alone with it
         (or pass one seed per prompt). guidance_scale: the decoder's classifier-free guidance; guidance_interval
         (lo, hi): guide only the steps whose sigma lies in (lo, hi] (1 = noise, 0 = data; the others run the
-        conditional branch alone, which also saves its forward); both default to the model's own (model_index.json's
-        "glmimage" entry; the official model: 1.5 at every step, (0, 1)). callback(step, latents) runs after every denoising step. on_preview(image)
-        receives a low-resolution preview decoded from the t2i preview grid (`preview_steps` Euler steps, no
-        CFG) as soon as the AR has written it, before the large grid exists (once per image, in order).
+        conditional branch alone, which also saves its forward); both default to the model's own
+        (model_index.json's "glmimage" entry; the official model: 1.5 at every step, (0, 1)).
+        callback(step, latents) runs after every denoising step. on_preview(image) receives a low-resolution
+        preview decoded from the t2i preview grid (`preview_steps` Euler steps, no CFG) as soon as the AR has
+        written it, before the large grid exists (once per image, in order).
         step_cache > 0 skips the DiT's blocks after the first at steps whose first-block output has moved less than
         that (relative) since the last full step (dit.StepCache; e.g. 0.1; 0 = off, exact). speculate: k > 0
         decodes the AR speculatively, k guessed tokens verified per forward (see prior_tokens).

@@ -92,6 +92,34 @@ def test_decoder_object_weight(runs):
     assert loss(heavy) != pytest.approx(plain, rel=1e-3)
 
 
+def test_decoder_timesteps(runs, tmp_path, capsys):
+    """--timesteps logit-normal: schedule positions drawn as sigmoid(N(0, 1)), most of them mid-schedule; uniform
+    (the default) keeps its exact draws; the choice is the checkpoint's identity, so a resume with another is
+    refused; other stages and unknown kinds are refused."""
+    from glmimage.train.__main__ import main
+    g = lambda: torch.Generator().manual_seed(0)
+    u = decoder.draw_positions("uniform", 20000, g())
+    assert torch.equal(u, torch.rand(20000, generator=g()) * 0.999 + 0.001)
+    ln = decoder.draw_positions("logit-normal", 20000, g())
+    assert torch.equal(ln, torch.sigmoid(torch.randn(20000, generator=g())).clamp(0.001, 1.0))
+    assert 0.001 <= float(ln.min()) and float(ln.max()) <= 1.0
+    mid = lambda s: ((s > 0.25) & (s <= 0.75)).float().mean().item()
+    assert mid(u) == pytest.approx(0.5, abs=0.02) and mid(ln) == pytest.approx(0.728, abs=0.02)   # P(|z| < ln 3)
+    with pytest.raises(ValueError, match="uniform, logit-normal"):
+        decoder.draw_positions("cosine", 4, g())
+    full, _ = runs
+    for stage in ("vae", "vae_decoder", "tokenizer"):
+        shutil.copytree(full / stage, tmp_path / stage)
+    main(["train", "decoder", "--preset", "debug", "--out", str(tmp_path), "--steps", "2", "--timesteps",
+          "logit-normal"])
+    assert load_stage(tmp_path, "decoder")["identity"] == {"timesteps": "logit-normal"}
+    with pytest.raises(ValueError, match="timesteps"):
+        decoder.train(get_preset("debug"), tmp_path, steps=3, resume=True, progress=False)
+    with pytest.raises(SystemExit):
+        main(["train", "ar", "--preset", "debug", "--out", str(tmp_path), "--steps", "1", "--timesteps", "uniform"])
+    assert "--timesteps applies to the decoder stage" in capsys.readouterr().err
+
+
 def test_decoder_loss_splits_into_row_blocks(runs):
     """What data parallelism relies on: the loss over row blocks, each weighted by its returned weight, is the whole
     batch's loss (the same noise, timesteps and dropout per row whatever the split), plain and object-weighted."""

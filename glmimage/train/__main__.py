@@ -88,6 +88,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "(default 4; 0: read in the step)")
     p.add_argument("--edit-share", type=float, default=None, metavar="F",
                    help="ar on synthetic data: the share of examples that are edits (default 1/3; e.g. 0.5)")
+    p.add_argument("--timesteps", default=None, choices=["uniform", "logit-normal"],
+                   help="decoder: how training draws schedule positions: uniform (the default) or logit-normal "
+                        "(SD3's: most mid-schedule)")
     p.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="with --init: train rank-RANK LoRA adapters on the frozen model's blocks instead of every "
                         "weight (checkpoints hold the adapters; export merges them)")
@@ -192,6 +195,10 @@ def run_train(args) -> None:
         if args.stage != "ar":
             raise ValueError(f"--edit-share applies to the ar stage, not {args.stage}")
         kwargs["edit_share"] = args.edit_share
+    if args.timesteps is not None:
+        if args.stage != "decoder":
+            raise ValueError(f"--timesteps applies to the decoder stage, not {args.stage}")
+        kwargs["timesteps"] = args.timesteps
     stage_flags = (("--lora", "lora", args.lora), ("--recompute", "recompute", args.recompute or None),
                    ("--compile", "compile", args.compile or None), ("--buckets", "buckets", args.buckets),
                    ("--val", "val", args.val), ("--val-data", "val_data", args.val_data),

@@ -1,8 +1,8 @@
 """Stage 4: the DiT decoder (dit.DiT), flow matching on the trained VAE's normalised latents.
 
   x_sigma = (1 - sigma) x0 + sigma noise,  v = noise - x0  (schedule.py), MSE on v.
-  s ~ U(0, 1], sigma = time_shift(mu(N), s) and the DiT sees s * 1000 - 1: the same (timestep, sigma) pairs the
-  inference schedule (make_schedule) produces, including its unshifted-timestep quirk.
+  s ~ U(0, 1] (or logit-normal: `timesteps`), sigma = time_shift(mu(N), s) and the DiT sees s * 1000 - 1: the same
+  (timestep, sigma) pairs the inference schedule (make_schedule) produces, including its unshifted-timestep quirk.
 
 Conditioning, as the pipeline feeds it:
   * prior ids: the tokenizer's ids of the target image (ground truth), nearest-upsampled to the DiT grid;
@@ -48,6 +48,7 @@ from glmimage.train.presets import TrainPreset, model_configs
 from glmimage.train.tokenizer import encode_batch, load_tokenizer
 
 DROP_P = 0.1
+TIMESTEPS = ("uniform", "logit-normal")     # how training draws schedule positions (draw_positions)
 CACHE_SIZE = {"debug": 8, "small": 4000}
 SCENE_KWARGS = dict(paraphrase_p=0.3, word_p=0.5, chinese_p=0.3, unseen_p=0.3)
 
@@ -174,20 +175,31 @@ def schedule_point(s: Tensor, n_tokens: int) -> tuple[Tensor, Tensor]:
     return s * 1000 - 1, time_shift(shift_mu(n_tokens), s)
 
 
+def draw_positions(kind: str, B: int, gen: torch.Generator) -> Tensor:
+    """B schedule positions s in (0.001, 1]: "uniform", or "logit-normal", sigmoid of a standard normal (SD3, Esser
+    et al. 2024: most draws mid-schedule, where an image's layout and shapes form; few at either end)."""
+    if kind == "uniform":
+        return torch.rand(B, generator=gen) * 0.999 + 0.001
+    if kind == "logit-normal":
+        return torch.sigmoid(torch.randn(B, generator=gen)).clamp(0.001, 1.0)
+    raise ValueError(f"timesteps must be one of {', '.join(TIMESTEPS)}; got {kind!r}")
+
+
 def velocity_loss(dit: DiT, glyph_enc: GlyphEncoder, cache: dict, idx: list[int], gen: torch.Generator,
                   size: int, code_weights: Tensor | None = None, rows: slice = slice(None),
-                  every_call: bool = False) -> tuple[Tensor, Tensor | int, dict]:
+                  every_call: bool = False, timesteps: str = "uniform") -> tuple[Tensor, Tensor | int, dict]:
     """The batch idx's flow-matching loss over its `rows` (this process's block): (loss, weight, metrics). The batch's
     examples share one size (epoch_batches); size: the square side of caches that hold no per-example sizes.
 
     Randomness is drawn for the whole batch and then sliced, so the rows' numbers do not depend on the split.
     code_weights: [n_codes] loss weight of the latent pixels under each prior code (None: plain MSE).
     every_call: run both row groups (plain, with a reference) even when one is empty, so that every process makes
-    the same module calls whatever its rows (sharded weights are gathered by collectives around each call)."""
+    the same module calls whatever its rows (sharded weights are gathered by collectives around each call).
+    timesteps: how the schedule positions are drawn (draw_positions)."""
     B = len(idx)
     device = dit.proj_out.weight.device
     drop_all = torch.rand(B, generator=gen) < DROP_P
-    s_all = torch.rand(B, generator=gen) * 0.999 + 0.001                        # (0.001, 1]
+    s_all = draw_positions(timesteps, B, gen)                                   # (0.001, 1]
     noise_all = torch.randn((B, *cache["latents"][idx[0]].shape), generator=gen)  # (a batch has one size)
     idx, drop, s, noise = idx[rows], drop_all[rows].tolist(), s_all[rows].to(device), noise_all[rows].to(device)
     B = len(idx)
@@ -243,7 +255,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
           rt: Runtime | None = None, cache_size: int | None = None, lora: int | None = None,
           recompute: bool = False, compile: bool = False, buckets: float | None = None, val: int = 0,
           val_data: str | None = None, val_every: int | None = None, workers: int = 4, samples: int = 0,
-          sample_every: int | None = None) -> list[dict]:
+          sample_every: int | None = None, timesteps: str | None = None) -> list[dict]:
     """object_weight: loss weight of object/text regions vs background (see the model card).
     cache_size: examples whose latents and ids are cached (default: build_cache's).
     lora: train rank-`lora` adapters on the blocks of a frozen DiT (fine-tuning, preset.init) instead of every
@@ -254,11 +266,16 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     checkpoint interval) as val_loss, each at fixed noise and times. workers: threads reading real images ahead
     while the cache is built (data.Prefetch; 0: in turn). samples: every sample_every steps (default: the
     checkpoint interval) draw that many held-out (else training) examples from their tokens and captions into
-    DIR/decoder/samples/ (sample_images)."""
+    DIR/decoder/samples/ (sample_images). timesteps: how the schedule positions are drawn (draw_positions; default
+    "uniform"), recorded in the checkpoint's identity so that a resume with another is refused; the held-out loss
+    keeps uniform positions, comparable across runs."""
     from glmimage.train.ar import check_object_weight, weight_of_code
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
     identity = finetune_identity(preset, lora, buckets)
+    if timesteps is not None:
+        draw_positions(timesteps, 1, torch.Generator())         # an unknown kind fails here, before any work
+        identity = {**identity, "timesteps": timesteps}
     sizes = bucket_sizes(preset.image_size, preset.ar_token_px, buckets)
     cfg = preset.stages["decoder"]
     steps = steps or cfg.steps
@@ -308,7 +325,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
             batches[epoch] = epoch_batches(cache.get("size"), n, cfg.batch, seed, epoch)
         idx = batches[epoch][k]
         return root(lambda: velocity_loss(dit, glyph, cache, idx, gen, preset.image_size, code_weights,
-                                          rt.rows(cfg.batch), every_call=rt.shard))
+                                          rt.rows(cfg.batch), every_call=rt.shard,
+                                          timesteps=timesteps or "uniform"))
 
     sampling = None
     if samples:
