@@ -115,6 +115,8 @@ def test_decoder_timesteps(runs, tmp_path, capsys):
     assert load_stage(tmp_path, "decoder")["identity"] == {"timesteps": "logit-normal"}
     with pytest.raises(ValueError, match="timesteps"):
         decoder.train(get_preset("debug"), tmp_path, steps=3, resume=True, progress=False)
+    with pytest.raises(ValueError, match="timesteps"):                  # uniform is the default: no entry
+        decoder.train(get_preset("debug"), tmp_path, steps=3, resume=True, progress=False, timesteps="uniform")
     with pytest.raises(SystemExit):
         main(["train", "ar", "--preset", "debug", "--out", str(tmp_path), "--steps", "1", "--timesteps", "uniform"])
     assert "--timesteps applies to the decoder stage" in capsys.readouterr().err

@@ -267,14 +267,15 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     while the cache is built (data.Prefetch; 0: in turn). samples: every sample_every steps (default: the
     checkpoint interval) draw that many held-out (else training) examples from their tokens and captions into
     DIR/decoder/samples/ (sample_images). timesteps: how the schedule positions are drawn (draw_positions; default
-    "uniform"), recorded in the checkpoint's identity so that a resume with another is refused; the held-out loss
-    keeps uniform positions, comparable across runs."""
+    "uniform"); another is recorded in the checkpoint's identity, so that a resume with another choice is refused;
+    the held-out loss keeps uniform positions, comparable across runs."""
     from glmimage.train.ar import check_object_weight, weight_of_code
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, 1.0)
     identity = finetune_identity(preset, lora, buckets)
     if timesteps is not None:
         draw_positions(timesteps, 1, torch.Generator())         # an unknown kind fails here, before any work
+    if timesteps not in (None, "uniform"):                      # (uniform: the default, no identity entry)
         identity = {**identity, "timesteps": timesteps}
     sizes = bucket_sizes(preset.image_size, preset.ar_token_px, buckets)
     cfg = preset.stages["decoder"]
