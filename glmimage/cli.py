@@ -96,7 +96,7 @@ def cmd_generate(args, images=None) -> None:
     out = pipe(prompt, height=height, width=width, image=refs, num_inference_steps=args.steps,
                guidance_scale=args.guidance, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
                top_k=args.top_k, step_cache=args.step_cache, speculate=args.speculate,
-               guidance_interval=args.guidance_interval)
+               guidance_interval=args.guidance_interval, keep_unchanged=getattr(args, "keep_unchanged", None))
     path = Path(args.output)
     paths = [path] if len(out) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(out))]
     for im, p in zip(out, paths):
@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("edit", help="image to image: edit or compose reference images")
     add_generation_args(p)
     p.add_argument("--image", action="append", required=True, help="reference image (repeatable)")
+    p.add_argument("--keep-unchanged", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the reference's pixels (its VAE latents) wherever the AR left its tokens unchanged and "
+                        "draw only the changed regions (one reference, output at its size; default: the model's own, "
+                        "off for the official model)")
 
     from glmimage.random_checkpoint import PRESETS
     p = sub.add_parser("make-random", help="write a random checkpoint in the official layout")

@@ -139,17 +139,31 @@ def int8_parts(int8: bool | str | None) -> frozenset[str]:
     raise ValueError(f"int8 must be one of 'ar' (or True), 'dit', 'all', or False; got {int8!r}")
 
 
+def keep_mask(grid: torch.Tensor, ref_grid: torch.Tensor, scale: int, dilate: int = 1,
+              max_changed: float = 0.5) -> torch.Tensor:
+    """An edit's AR grids [B, th, tw] against its reference's grid [th, tw] -> bool [B, 1, th·scale, tw·scale], set
+    where the latents (scale per AR token) may be kept from the reference: the tokens the AR wrote unchanged, less
+    `dilate` tokens around every changed one (room for the change's edges). An image with more than `max_changed` of
+    its tokens changed keeps nothing (a new background or a restyle: the whole image is redrawn)."""
+    changed = (grid != ref_grid).float()[:, None]                                   # [B, 1, th, tw]
+    spread = F.max_pool2d(changed, 2 * dilate + 1, stride=1, padding=dilate) if dilate else changed
+    keep = (spread == 0) & (changed.mean((1, 2, 3), keepdim=True) <= max_changed)   # [B, 1, th, tw]
+    return keep.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+
+
 def sample_latents(dit: DiT, noise: torch.Tensor, glyph: torch.Tensor, glyph_len: torch.Tensor | None,
                    glyph_neg: torch.Tensor, prior: torch.Tensor, grid_hw: tuple[int, int], mods, timesteps, sigmas,
                    guidance: float, ref_kv=None, callback=None, step_cache: float = 0.0,
                    forward: Callable | None = None, masked: bool = False,
-                   guidance_interval: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, int]:
+                   guidance_interval: tuple[float, float] = (0.0, 1.0),
+                   keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Flow matching from noise [B, C, h, w] to fp32 latents with the DiT: glyph [B, T, Dt] (glyph_len [B]) and the
     prior ids [B, N] condition the first branch, glyph_neg and the dropped prior the CFG one (guidance > 1); mods
     every step's StepModulation ([steps, ...], DiT.modulation); ref_kv an edit's reference prefix (the conditional
     branch only; t2i runs both branches as one batch). step_cache > 0: dit.StepCache per branch call. forward: the
     velocity to call (default dit.velocity; a compiled form). masked: padded text always under a key mask
-    (DiT.batch_cfg), for compiled code. guidance_interval: the sigmas (lo, hi] that get guidance (schedule.denoise).
+    (DiT.batch_cfg), for compiled code. guidance_interval: the sigmas (lo, hi] that get guidance; keep: (latents,
+    mask) held on their noisy path where the mask is set (both schedule.denoise).
     Returns (latents, steps skipped by the cache)."""
     B = noise.shape[0]
     ctx_c = dit.context(glyph, prior, False, grid_hw, ref_kv, txt_len=glyph_len)   # (a text mask spans the prefix)
@@ -173,7 +187,7 @@ def sample_latents(dit: DiT, noise: torch.Tensor, glyph: torch.Tensor, glyph_len
         return forward(x, ctx, mod=mod, cache=caches.get(cond)).float()
 
     x = denoise(velocity, noise, timesteps, sigmas, guidance, callback=callback, batch_cfg=batch_cfg,
-                guidance_interval=guidance_interval)
+                guidance_interval=guidance_interval, keep=keep)
     return x, max((c.skipped for c in caches.values()), default=0)
 
 
@@ -213,6 +227,11 @@ class Pipeline:
         # the decoder's CFG: the reference's 1.5 at every step, unless the model records its own
         self.guidance_scale = float(ours.get("guidance_scale", 1.5))
         self.guidance_interval = check_guidance_interval(ours.get("guidance_interval", (0.0, 1.0)))
+        # edits: keep the reference's latents where the AR left its tokens unchanged (off in the reference)
+        self.keep_unchanged = ours.get("keep_unchanged", False)
+        if not isinstance(self.keep_unchanged, bool):
+            raise ValueError(f"model_index.json glmimage.keep_unchanged must be true or false, "
+                             f"got {self.keep_unchanged!r}")
         vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         self.dit_token_px = vae_scale * self.dit_cfg.patch_size           # pixels per DiT token (official: 16)
         if self.ar_token_px % self.dit_token_px:
@@ -460,7 +479,7 @@ class Pipeline:
                  callback: Callable[[int, torch.Tensor], None] | None = None,
                  on_preview: Callable[[Image.Image], None] | None = None, preview_steps: int = 4,
                  step_cache: float = 0.0, speculate: int = 0, guidance_interval: tuple[float, float] | None = None,
-                 timings: dict | None = None) -> list[Image.Image]:
+                 keep_unchanged: bool | None = None, timings: dict | None = None) -> list[Image.Image]:
         """prompt (+ reference images for edits) -> images. height/width default to the model's native size.
 
         A list of prompts runs as one batch through every stage (text-to-image) and returns one image per
@@ -475,7 +494,12 @@ class Pipeline:
         step_cache > 0 skips the DiT's blocks after the first at steps whose first-block output has moved less than
         that (relative) since the last full step (dit.StepCache; e.g. 0.1; 0 = off, exact). speculate: k > 0
         decodes the AR speculatively, k guessed tokens verified per forward (see prior_tokens).
-        timings, if a dict, is filled with per-stage seconds."""
+        keep_unchanged (edits with one reference image at the output's size): where the AR wrote the reference's
+        own tokens, its VAE latents are kept (held on their noisy path at every step, so the rest is drawn around
+        them) and only the changed tokens, one token around them, are generated; an image with more than half
+        of its tokens changed is redrawn whole (keep_mask). None takes the model's own (model_index.json; off in
+        the official model, as in the reference).
+        timings, if a dict, is filled with per-stage seconds (and "kept": the share of latents kept)."""
         prompts = self._prompts(prompt)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -489,6 +513,7 @@ class Pipeline:
         if images and len(prompts) > 1:
             raise ValueError("a list of prompts is for text-to-image; edit with one prompt at a time")
         ref_ids = self.encode_references(images, timings) if images else []
+        keep = self._keep_unchanged(keep_unchanged, ref_ids, th, tw)    # a bad request fails before the AR
 
         # 1. AR prior grids [B, th, tw]
         if prior_token_ids is None:
@@ -520,21 +545,40 @@ class Pipeline:
             timings["grid"] = grid[0].tolist() if isinstance(prompt, str) else grid.tolist()
         return self.decode_grid(prompts, grid, height, width, num_inference_steps, guidance_scale, seeds,
                                 images=images, ref_ids=ref_ids, callback=callback, step_cache=step_cache,
-                                guidance_interval=guidance_interval, timings=timings)
+                                guidance_interval=guidance_interval, keep_unchanged=keep, timings=timings)
+
+    def _keep_unchanged(self, keep_unchanged: bool | None, ref_ids: list[torch.Tensor], th: int, tw: int) -> bool:
+        """Whether an edit keeps its unchanged latents: asked (True) where it cannot is an error; the model's own
+        default (None) applies where it can and is silently off elsewhere (text-to-image, several references)."""
+        if keep_unchanged not in (None, True, False):
+            raise ValueError(f"keep_unchanged must be True, False or None (the model's default), "
+                             f"got {keep_unchanged!r}")
+        if not (self.keep_unchanged if keep_unchanged is None else keep_unchanged):
+            return False
+        reason = ("it is for edits: pass the image to keep from" if not ref_ids else
+                  f"it needs exactly one reference image, got {len(ref_ids)}" if len(ref_ids) > 1 else
+                  f"the output's token grid ({th}x{tw}, {th * self.ar_token_px}x{tw * self.ar_token_px} px) must "
+                  f"equal the reference's ({ref_ids[0].shape[0]}x{ref_ids[0].shape[1]}): pass height and width "
+                  f"{ref_ids[0].shape[0] * self.ar_token_px}x{ref_ids[0].shape[1] * self.ar_token_px}"
+                  if tuple(ref_ids[0].shape) != (th, tw) else None)
+        if reason is not None and keep_unchanged:
+            raise ValueError(f"keep_unchanged: {reason}")
+        return reason is None
 
     @torch.no_grad()
     def decode_grid(self, prompt: str | list[str], grid: torch.Tensor, height: int, width: int,
                     num_inference_steps: int, guidance_scale: float | None, seed: int | list[int],
                     images: list[Image.Image] = (), ref_ids: list[torch.Tensor] = (), callback=None,
                     step_cache: float = 0.0, guidance_interval: tuple[float, float] | None = None,
-                    timings: dict | None = None) -> list[Image.Image]:
+                    keep_unchanged: bool | None = None, timings: dict | None = None) -> list[Image.Image]:
         """The decoder half: AR grid [th, tw] or [B, th, tw] -> B images, through glyph, DiT and VAE. prompt: one
         for all, or one per image; seed: an int (image b gets seed + b) or one per image (its noise's seed).
-        guidance_scale / guidance_interval: None takes the model's own (see __call__)."""
+        guidance_scale / guidance_interval / keep_unchanged: None takes the model's own (see __call__)."""
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         guidance_interval = self._guidance_interval(guidance_interval)
         grid = grid if grid.dim() == 3 else grid[None]
         B = grid.shape[0]
+        keep_unchanged = self._keep_unchanged(keep_unchanged, list(ref_ids), *grid.shape[1:])
         prompts = self._prompts(prompt)
         prompts = prompts * B if len(prompts) == 1 else prompts
         assert len(prompts) == B, (len(prompts), B)
@@ -554,6 +598,12 @@ class Pipeline:
                            for x in self._seeds(seed, B)])                                 # [B, C, h, w]
         grid_hw = (height // self.dit_token_px, width // self.dit_token_px)
         ref_latents = self.encode_reference_latents(images, ref_ids, timings) if len(images) else None
+        keep = None
+        if keep_unchanged:                # the reference's latents where the AR kept its tokens (scale per token)
+            mask = keep_mask(grid.to(self.device), ref_ids[0].to(self.device), self.ar_token_px // s)
+            keep = (ref_latents[0][0].float().expand(B, -1, -1, -1), mask)            # [B, C, h, w], [B, 1, h, w]
+            if timings is not None:
+                timings["kept"] = mask.float().mean().item()
         timesteps, sigmas = make_schedule(num_inference_steps, grid_hw[0] * grid_hw[1], self.scheduler_config)
         # every step's AdaLN vectors at once (they depend only on t, size and crop; the same for both CFG branches)
         # and the reference passes': with offload from the DiT's AdaLN part, freed before the rest loads
@@ -567,7 +617,7 @@ class Pipeline:
             ref_kv = dit.reference_kv(*ref_latents, mods=ref_mods) if ref_latents is not None else None
             latents = self._denoise(dit, noise, (glyph, glyph_len), glyph_neg, prior, ref_kv, grid_hw, mods,
                                     timesteps, sigmas, guidance_scale, callback, step_cache, timings,
-                                    guidance_interval)
+                                    guidance_interval, keep)
         del dit, ref_kv               # with offload the DiT is freed before the VAE loads (not held through it)
         if timings is not None:
             timings["dit"] += timings.pop("dit_adaln", 0.0)
@@ -578,12 +628,12 @@ class Pipeline:
             return pixels_to_pil(vae.decode(latents))
 
     def _denoise(self, dit: DiT, noise, glyph, glyph_neg, prior, ref_kv, grid_hw, mods, timesteps, sigmas, guidance,
-                 callback, step_cache=0.0, timings=None, guidance_interval=(0.0, 1.0)):
+                 callback, step_cache=0.0, timings=None, guidance_interval=(0.0, 1.0), keep=None):
         shared = self._dit_compiled_unfrozen
         x, skipped = sample_latents(dit, noise.to(self.device), *glyph, glyph_neg, prior, grid_hw, mods, timesteps,
                                     sigmas, guidance, ref_kv, callback, step_cache,
                                     functools.partial(_shared_velocity(), dit) if shared else dit.velocity,
-                                    masked=self.compiled, guidance_interval=guidance_interval)
+                                    masked=self.compiled, guidance_interval=guidance_interval, keep=keep)
         if timings is not None and step_cache > 0:
             timings["dit_steps_cached"] = skipped
         return x

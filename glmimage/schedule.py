@@ -84,7 +84,8 @@ def check_guidance_interval(interval) -> tuple[float, float]:
 
 def denoise(model: ModelFn, x: Tensor, timesteps: Tensor, sigmas: Tensor, guidance_scale: float,
             callback: Callable[[int, Tensor], None] | None = None, batch_cfg: bool = False,
-            guidance_interval: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+            guidance_interval: tuple[float, float] = (0.0, 1.0),
+            keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Euler loop from noise x [B, C, H, W] to fp32 latents (timesteps, sigmas from `make_schedule`).
 
     `model(x, i, cond)` gets fp32 x and the step index i (its timestep is timesteps[i]; passing the index lets the
@@ -96,11 +97,24 @@ def denoise(model: ModelFn, x: Tensor, timesteps: Tensor, sigmas: Tensor, guidan
     guidance_interval (lo, hi): guidance (scale > 1) only at the steps whose sigma lies in (lo, hi], the plain
     conditional velocity elsewhere, without the unconditional branch's forward (Kynkaenniemi et al. 2024, "Applying
     guidance in a limited interval improves sample and distribution quality in diffusion models"). (0, 1): every
-    step, the reference's sampler."""
+    step, the reference's sampler.
+
+    keep (x0 [B, C, H, W], mask bool [B, 1, H, W]): where the mask is set, x is replaced at the start and after
+    every step by the noisy x0 at that step's sigma, (1 − sigma)·x0 + sigma·noise with the starting noise, so those
+    latents end as x0 exactly while the rest is generated around them (inpainting by replacement, as RePaint and
+    Blended Latent Diffusion do; without their resampling)."""
     lo, hi = check_guidance_interval(guidance_interval)
     guided = [guidance_scale > 1 and lo < s <= hi for s in sigmas[:-1].tolist()]    # host floats: no device sync
     x = x.float()
     sigmas = sigmas.to(x.device)
+    if keep is not None:
+        x0, mask = keep[0].float(), keep[1]
+        assert x0.shape == x.shape and mask.dtype == torch.bool, (x0.shape, x.shape, mask.dtype)
+        noise = x
+
+        def pin(x: Tensor, sigma: Tensor) -> Tensor:                  # the kept latents on x0's noisy path
+            return torch.where(mask, (1 - sigma) * x0 + sigma * noise, x)
+        x = pin(x, sigmas[0])
     for i in range(len(timesteps)):
         if guided[i] and batch_cfg:
             v = cfg(*model(torch.cat([x, x]), i, None).chunk(2), guidance_scale)
@@ -109,6 +123,8 @@ def denoise(model: ModelFn, x: Tensor, timesteps: Tensor, sigmas: Tensor, guidan
             if guided[i]:
                 v = cfg(v, model(x, i, False), guidance_scale)
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        if keep is not None:
+            x = pin(x, sigmas[i + 1])
         if callback is not None:
             callback(i, x)
     return x

@@ -136,6 +136,81 @@ def test_guidance_defaults_come_from_the_model(debug_ckpt, tmp_path):
         Pipeline.from_pretrained(model)
 
 
+def test_keep_mask_dilates_changes_and_gives_up_on_large_ones():
+    from glmimage.pipeline import keep_mask
+    ref = torch.arange(16).reshape(4, 4)
+    grid = ref.clone()[None]
+    grid[0, 0, 0] = 99                                                   # one changed token in the corner
+    m = keep_mask(grid, ref, scale=2)
+    assert m.shape == (1, 1, 8, 8) and m.dtype == torch.bool
+    want = torch.ones(4, 4, dtype=torch.bool)
+    want[:2, :2] = False                                                 # the change and one token around it
+    assert torch.equal(m[0, 0, ::2, ::2], want) and torch.equal(m[0, 0, 1::2, 1::2], want)
+    assert torch.equal(keep_mask(grid, ref, scale=1, dilate=0)[0, 0], grid[0] == ref)
+    half = ref.clone()[None]
+    half[0, :2] = -1                                                     # 8 of 16 changed: still kept elsewhere
+    assert keep_mask(half, ref, scale=1, dilate=0)[0, 0, 2:].all()
+    half[0, 2, 0] = -1                                                   # 9 of 16: the whole image is redrawn
+    assert not keep_mask(half, ref, scale=1).any()
+
+
+def test_keep_unchanged_keeps_the_reference_latents(pipe):
+    """An edit with keep_unchanged ends with the reference's VAE latents wherever keep_mask says so (the rest drawn
+    by the DiT around them); a grid equal to the reference's gives the reference's VAE round trip, pixel for pixel."""
+    from glmimage.pipeline import keep_mask
+    from glmimage.vae import pixels_to_pil
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    ref = pipe.encode_references([img])[0]                                          # [3, 3]
+    H, W = ref.shape[0] * pipe.ar_token_px, ref.shape[1] * pipe.ar_token_px
+    grid = ref.clone()
+    grid[0, 0] = (grid[0, 0] + 1) % pipe.dit.cfg.prior_vq_quantizer_codebook_size
+    z = pipe.encode_reference_latents([img], [ref])[0][0].float()                   # [1, C, h, w]
+    mask = keep_mask(grid[None], ref, pipe.ar_token_px // 8).expand_as(z)
+    assert mask.any() and not mask.all()
+    final = {}
+    for keep in (True, False):
+        seen = []
+        pipe("make it 'blue'", height=H, width=W, image=img, num_inference_steps=3, seed=5, prior_token_ids=grid,
+             keep_unchanged=keep, callback=lambda i, x: seen.append(x))
+        final[keep] = seen[-1]
+    assert torch.equal(final[True][mask], z[mask])
+    assert not torch.allclose(final[False][mask], z[mask], atol=1e-2)       # without it the DiT draws them
+    timings = {}
+    same = pipe("make it 'blue'", height=H, width=W, image=img, num_inference_steps=2, seed=5, prior_token_ids=ref,
+                keep_unchanged=True, timings=timings)[0]
+    assert timings["kept"] == 1.0
+    assert np.array_equal(np.asarray(same), np.asarray(pixels_to_pil(pipe.vae.decode(z))[0]))
+
+
+def test_keep_unchanged_refusals_and_model_default(pipe, debug_ckpt, tmp_path):
+    import json
+    import shutil
+    img = Image.new("RGB", (64, 64), (200, 30, 30))
+    run = dict(height=64, width=64, num_inference_steps=2, seed=0)
+    for kwargs, msg in [(dict(), "for edits"), (dict(image=[img, img]), "exactly one reference"),
+                        (dict(image=img, height=96), "must equal the reference's"),
+                        (dict(image=img, keep_unchanged="yes"), "True, False or None")]:
+        with pytest.raises(ValueError, match=msg):
+            pipe(PROMPT, **{**run, "keep_unchanged": True, **kwargs})
+    model = tmp_path / "model"
+    shutil.copytree(debug_ckpt, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["glmimage"] = {**index.get("glmimage", {}), "keep_unchanged": True}
+    (model / "model_index.json").write_text(json.dumps(index))
+    ours = Pipeline.from_pretrained(model)
+    assert not pipe.keep_unchanged and ours.keep_unchanged
+    grid = pipe.encode_references([img])[0]
+    edit = lambda p, **kw: np.asarray(p("make it blue", image=img, prior_token_ids=grid, **run, **kw)[0])
+    assert np.array_equal(edit(ours), edit(pipe, keep_unchanged=True))        # the model's default applies
+    assert np.array_equal(edit(ours, keep_unchanged=False), edit(pipe))
+    assert not np.array_equal(edit(ours), edit(pipe))
+    assert ours(PROMPT, **run)[0].size == (64, 64)                           # text-to-image: silently off
+    index["glmimage"]["keep_unchanged"] = "yes"
+    (model / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="keep_unchanged"):
+        Pipeline.from_pretrained(model)
+
+
 def test_greedy_prior_is_deterministic_and_full(pipe):
     g1 = pipe.prior_tokens(PROMPT, height=64, width=96, temperature=0, seed=1)
     g2 = pipe.prior_tokens(PROMPT, height=64, width=96, temperature=0, seed=2)
@@ -161,7 +236,7 @@ def test_bad_prior_shape_raises(pipe):
         pipe(PROMPT, height=64, width=64, prior_token_ids=torch.zeros(3, 3, dtype=torch.long), seed=0)
 
 
-def test_cli_generate(debug_ckpt, tmp_path):
+def test_cli_generate(debug_ckpt, tmp_path, monkeypatch):
     from glmimage.cli import main
     out = tmp_path / "x.png"
     main(["generate", PROMPT, "--model", str(debug_ckpt), "--height", "64", "--width", "64", "--steps", "2",
@@ -179,6 +254,15 @@ def test_cli_generate(debug_ckpt, tmp_path):
     b = Pipeline.from_pretrained(debug_ckpt)(PROMPT, height=64, width=64, num_inference_steps=4, seed=0,
                                                guidance_scale=3.0, guidance_interval=(0.0, 0.8))[0]
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(b))
+    src = tmp_path / "src.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(src)
+    seen, real_call = [], Pipeline.__call__
+    monkeypatch.setattr(Pipeline, "__call__", lambda self, *a, **k: seen.append(k["keep_unchanged"]) or
+                        real_call(self, *a, **k))
+    for flag in (["--keep-unchanged"], ["--no-keep-unchanged"], []):
+        main(["edit", "make it blue", "--image", str(src), *flag, "--model", str(debug_ckpt), "--height", "64",
+              "--width", "64", "--steps", "1", "-o", str(a)])
+    assert seen == [True, False, None] and Image.open(a).size == (64, 64)
 
 
 def test_bundled_model_loads_offline_by_default():

@@ -399,24 +399,25 @@ def test_oracle_tokens_eval_decodes_ground_truth_ids(tmp_path, monkeypatch):
     assert torch.equal(ids, pipe.encode_references([S.render(target)])[0])
 
 
-@pytest.mark.parametrize("flag, expected", [
-    ([], (None, None, None)), (["--temperature", "0"], (0.0, None, None)),
-    (["--guidance", "2.5", "--guidance-interval", "0", "0.8"], (None, 2.5, [0.0, 0.8]))])
-def test_eval_sampling_flags_reach_every_generation(tmp_path, monkeypatch, flag, expected):
-    """--temperature, --guidance and --guidance-interval override the model's defaults for prompts and edits alike;
-    without them the pipeline gets None (its own defaults)."""
+@pytest.mark.parametrize("flag, expected, keep", [
+    ([], (None, None, None), None), (["--temperature", "0"], (0.0, None, None), None),
+    (["--guidance", "2.5", "--guidance-interval", "0", "0.8"], (None, 2.5, [0.0, 0.8]), None),
+    (["--keep-unchanged"], (None, None, None), True), (["--no-keep-unchanged"], (None, None, None), False)])
+def test_eval_sampling_flags_reach_every_generation(tmp_path, monkeypatch, flag, expected, keep):
+    """--temperature, --guidance and --guidance-interval override the model's defaults for prompts and edits alike,
+    --keep-unchanged / --no-keep-unchanged for edits; without them the pipeline gets None (its own defaults)."""
     from glmimage.pipeline import Pipeline
     from glmimage.train import evaluate as TE
 
     seen, real_call = [], Pipeline.__call__
 
     def spy(self, *a, **k):
-        seen.append((k["temperature"], k["guidance_scale"], k["guidance_interval"]))
+        seen.append((k["temperature"], k["guidance_scale"], k["guidance_interval"], k.get("keep_unchanged")))
         return real_call(self, *a, **k)
 
     monkeypatch.setattr(Pipeline, "__call__", spy)
     TE.main(["--n", "1", "--n-edit", "1", "--steps", "1", "--out", str(tmp_path), *flag])
-    assert seen == [expected] * 3                           # timing + 1 prompt + 1 edit
+    assert seen == [(*expected, None)] * 2 + [(*expected, keep)]      # timing + 1 prompt + 1 edit
 
 
 def test_vae_roundtrip_eval_scores_ground_truth_through_the_vae(tmp_path, monkeypatch):

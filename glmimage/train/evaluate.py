@@ -35,7 +35,8 @@ SAMPLE_PROMPTS = [
 
 def load(model: str | None, steps: int, guidance: float | None, oracle_tokens: bool = False,
          vae_roundtrip: bool = False, step_cache: float = 0.0, int8: str | None = None,
-         temperature: float | None = None, guidance_interval: tuple[float, float] | None = None):
+         temperature: float | None = None, guidance_interval: tuple[float, float] | None = None,
+         keep_unchanged: bool | None = None):
     from glmimage.eval_scenes import ground_truth_generate_fn
     from glmimage.pipeline import Pipeline
     from glmimage.vae import pil_to_pixels, pixels_to_pil
@@ -61,7 +62,8 @@ def load(model: str | None, steps: int, guidance: float | None, oracle_tokens: b
         if vae_roundtrip:
             return roundtrip(truth)
         prior = pipe.encode_references([truth])[0] if oracle_tokens else None
-        return pipe(instruction, image=source, seed=seed, prior_token_ids=prior, **settings)[0]
+        return pipe(instruction, image=source, seed=seed, prior_token_ids=prior, keep_unchanged=keep_unchanged,
+                    **settings)[0]
 
     return pipe, generate, edit, size
 
@@ -88,6 +90,9 @@ def main(argv=None) -> None:
                     help="guide only the steps whose sigma lies in (LO, HI] (default: the model's own; else 0 1)")
     ap.add_argument("--temperature", type=float, default=None,
                     help="the AR's sampling temperature (default: the model's generation_config.json; 0 = greedy)")
+    ap.add_argument("--keep-unchanged", action=argparse.BooleanOptionalAction, default=None,
+                    help="edits keep the source's latents where the AR left its tokens unchanged (default: the "
+                         "model's own)")
     ap.add_argument("--step-cache", type=float, default=0.0, help="the pipeline's step_cache threshold (0 = off)")
     ap.add_argument("--int8", default=None, choices=["ar", "dit", "all"], help="the pipeline's int8 option")
     ap.add_argument("--out", required=True)
@@ -103,7 +108,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from glmimage.eval_scenes import evaluate
     pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens, args.vae_roundtrip,
-                                      args.step_cache, args.int8, args.temperature, args.guidance_interval)
+                                      args.step_cache, args.int8, args.temperature, args.guidance_interval,
+                                      args.keep_unchanged)
     t = time.perf_counter()
     generate(SAMPLE_PROMPTS[0], 0)
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
