@@ -44,6 +44,8 @@ class GlyphEncoder(nn.Module):
         super().__init__()
         self.t5 = t5
         self.max_length = max_length
+        self.memo: dict[tuple[str, ...], Tensor] | None = None  # a dict: encode_one remembers each text tuple's
+        # output (for a frozen encoder run many times over the same texts, as decoder training does; exact)
 
     @classmethod
     def from_folder(cls, folder, device: torch.device | str | None = None,
@@ -57,13 +59,19 @@ class GlyphEncoder(nn.Module):
     @torch.no_grad()
     def encode_one(self, prompt: str) -> Tensor:
         """One prompt -> [ΣLi, D] valid-token hidden states of all its glyph texts, concatenated."""
-        ids = glyph_token_ids(glyph_texts(prompt), self.max_length)
+        texts = tuple(glyph_texts(prompt))
+        if self.memo is not None and texts in self.memo:
+            return self.memo[texts]
+        ids = glyph_token_ids(list(texts), self.max_length)
         S = max(len(i) for i in ids)
         device = next(self.t5.parameters()).device
         input_ids = torch.tensor([i + [PAD] * (S - len(i)) for i in ids], device=device)  # [n_texts, S]
         mask = torch.tensor([[1] * len(i) + [0] * (S - len(i)) for i in ids], device=device)  # [n_texts, S]
         hidden = self.t5(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [n_texts, S, D]
-        return hidden[mask.bool()]  # [ΣLi, D]
+        out = hidden[mask.bool()]  # [ΣLi, D]
+        if self.memo is not None:
+            self.memo[texts] = out
+        return out
 
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Prompts -> glyph [B, T, D] in the encoder's dtype, right-padded with zero vectors, and lengths [B] long

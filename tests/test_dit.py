@@ -266,6 +266,16 @@ def test_glyph_embeddings_match_reference():
             assert not got[b, n:].any() and not want[b, :T - n].any()
     assert enc.encode([""])[0].shape == (1, 1, 32)  # the CFG-negative branch: one </s> token
     assert enc.encode([GLYPH_PROMPTS[3]])[0].shape[1] == (1 + 5 + 1) + (1 + 6 + 1)  # pad + bytes + </s> per text
+    # memo (decoder training): each quoted-text tuple runs the encoder once; the outputs are the same tensors
+    prompts = GLYPH_PROMPTS + ["a red 'SUN'", "a blue 'SUN'", "no quotes", "none either"]
+    plain = enc.encode(prompts)
+    calls = []
+    t5.register_forward_hook(lambda *a: calls.append(1))
+    enc.memo = {}
+    for _ in range(2):
+        got = enc.encode(prompts)
+        assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    assert len(calls) == len({tuple(glyph_texts(p)) for p in prompts}) == len(prompts) - 3   # 3 repeats
 
 
 # ----------------------------------------------------------------------------------------------------------

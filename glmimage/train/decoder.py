@@ -301,6 +301,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         raise ValueError(f"no image size (aspect bucket) holds a whole batch of {cfg.batch} among the {n} cached "
                          f"examples (sizes {sizes_held}): give a smaller --batch, more images, or fewer buckets")
     glyph = build_glyph(preset, seed)
+    glyph.memo = {}                     # frozen: each quoted-text tuple is encoded once, then looked up
     dit = build_dit(preset, seed)
     models, trainable = wrap_blocks("dit", dit, dit.transformer_blocks, rt, seed, lora, recompute, compile)
     if lora:                    # the frozen glyph encoder is not saved with the adapters: placed here
