@@ -123,8 +123,13 @@ def _delegate(argv: list[str]) -> bool:
         from glmimage.bench import main as bench_main
         bench_main(rest)
     elif cmd == "eval":
-        if not rest or rest[0] != "scenes":
-            raise SystemExit("usage: glmimage eval scenes --model PATH --n N --seed S [--out DIR]")
+        if not rest or rest[0] not in ("scenes", "compare"):
+            raise SystemExit("usage: glmimage eval scenes --model PATH --n N --seed S [--out DIR]\n"
+                             "       glmimage eval compare --a REPORT... [--b REPORT...] [--out JSON]")
+        if rest[0] == "compare":
+            from glmimage.eval_compare import main as compare_main
+            compare_main(rest[1:])
+            return True
         from glmimage.train.evaluate import main as eval_main
         rest = rest[1:]
         eval_main(rest if "--out" in rest else rest + ["--out", "eval-scenes"])

@@ -372,6 +372,24 @@ def test_evaluate_writes_report_and_contact_sheet(tmp_path):
     sheet = Image.open(tmp_path / "contact_sheet.png")
     assert sheet.width > 128 and sheet.height >= 128
 
+    # a paired comparison of the report with itself, then with a copy where B lost one scene and one edit
+    from glmimage.cli import main
+    from glmimage.eval_compare import compare, load_samples
+    same = compare(load_samples([tmp_path]), load_samples([tmp_path / "report.json"]))
+    assert same["n_paired"] == 11 and same["object_accuracy"]["diff_ci95"] == (0.0, 0.0)
+    assert same["scene_exact"] == {"n": 5, "a": 5, "b": 5, "a_only": 0, "b_only": 0, "p": 1.0}
+    worse = json.loads(json.dumps(saved))
+    worse["samples"][0]["exact"] = False
+    worse["samples"][0]["objects"][0]["right"] = False
+    worse["samples"][7]["edit_success"] = False
+    (tmp_path / "worse").mkdir()
+    (tmp_path / "worse" / "report.json").write_text(json.dumps(worse))
+    out = tmp_path / "cmp.json"
+    main(["eval", "compare", "--a", str(tmp_path), "--b", str(tmp_path / "worse"), "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert (r["scene_exact"]["a_only"], r["scene_exact"]["b_only"], r["edit_success"]["b"]) == (1, 0, 5)
+    assert r["object_accuracy"]["diff"] < 0 and r["object_accuracy"]["diff_ci95"][0] < 0
+
 
 def test_oracle_tokens_eval_decodes_ground_truth_ids(tmp_path, monkeypatch):
     """--oracle-tokens: the AR never runs; the decoder gets the tokenizer's ids of the ground-truth render (for an
@@ -484,3 +502,40 @@ def test_webdataset_shards(tmp_path):
     assert sorted(split[0] + split[1]) == sorted(captions) and not set(split[0]) & set(split[1])
     split = [[ex["caption"] for ex in folder.WebDatasetShards(pattern, 32, rank=r, world_size=3)] for r in range(3)]
     assert sorted(sum(split, [])) == sorted(captions)  # fewer shards than readers: split over samples
+
+
+def test_compare_statistics_and_pairing(tmp_path):
+    """Wilson intervals, McNemar's exact p, the prompt-level bootstrap, and pairing by category, seed and text."""
+    from glmimage.eval_compare import compare, load_samples, mcnemar_p, summarize, wilson
+    assert wilson(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4) and wilson(0, 0) is None
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert mcnemar_p(0, 6) == 2 / 2 ** 6 and mcnemar_p(5, 5) == 1.0 and mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(3, 14) == pytest.approx(2 * sum(__import__("math").comb(17, i) for i in range(4)) / 2 ** 17)
+
+    def report(path, seed, exact):
+        samples = [{"category": "single", "prompt": f"scene {i}", "seed": seed + i, "exact": e,
+                    "objects": [{"right": e}, {"right": True}]} for i, e in enumerate(exact)]
+        samples.append({"category": "edit_move", "instruction": "move it", "source_caption": "x", "seed": seed,
+                        "edit_success": True, "objects": []})
+        path.mkdir()
+        (path / "report.json").write_text(json.dumps({"samples": samples}))
+        return path
+
+    a = report(tmp_path / "a", 0, [True, False] * 5)
+    b = report(tmp_path / "b", 0, [True] * 10)
+    r = compare(load_samples([a]), load_samples([b]))
+    assert r["scene_exact_single"] == {"n": 10, "a": 5, "b": 10, "a_only": 0, "b_only": 5, "p": 0.0625}
+    assert r["object_accuracy"]["diff"] == 0.25 and 0 < r["object_accuracy"]["diff_ci95"][0] <= 0.25
+    assert r["edit_success"]["p"] == 1.0 and r["n_paired"] == 11
+    assert compare(load_samples([a]), load_samples([b])) == r                   # seeded: the same numbers
+    one = summarize(load_samples([a]))
+    assert one["scene_exact"]["ci95"] == wilson(5, 10) and one["object_accuracy"]["value"] == 0.75
+    other_seed = report(tmp_path / "c", 100, [True] * 10)
+    with pytest.raises(ValueError, match="share no sample"):
+        compare(load_samples([a]), load_samples([other_seed]))
+    pooled = compare(load_samples([a, other_seed]), load_samples([b, other_seed]))
+    assert pooled["n_paired"] == 22 and pooled["scene_exact"]["a"] == 15
+    with pytest.raises(ValueError, match="twice"):
+        load_samples([a, a])
+    with pytest.raises(ValueError, match="no report"):
+        load_samples([tmp_path / "missing"])
