@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmimage.train import ar, decoder, tokenizer, vae
+from glmimage.train import ar, decoder, glyph, tokenizer, vae
 from glmimage.train.common import load_stage, read_log
 from glmimage.train.presets import get_preset
 
@@ -120,6 +120,55 @@ def test_decoder_timesteps(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "ar", "--preset", "debug", "--out", str(tmp_path), "--steps", "1", "--timesteps", "uniform"])
     assert "--timesteps applies to the decoder stage" in capsys.readouterr().err
+
+
+def test_glyph_stage_resumes_and_the_decoder_uses_it(runs, tmp_path):
+    """`train glyph` resumes exactly and its heads read each token's byte and index; a decoder trained in the same
+    folder uses that encoder (its checkpoint's glyph weights are the stage's, identity "glyph": "trained", so a
+    decoder run started without it cannot resume with it); the CLI runs it."""
+    from glmimage.train.__main__ import main
+    preset = get_preset("debug")
+    a = glyph.train(preset, tmp_path / "full", steps=STEPS, progress=False)
+    glyph.train(preset, tmp_path / "parts", steps=STEPS, progress=False, stop_at=2)
+    b = glyph.train(preset, tmp_path / "parts", steps=STEPS, resume=True, progress=False)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert {"byte", "prev", "next", "index", "length", "byte_acc", "index_acc"} <= set(a[-1])
+    ids, mask, targets = glyph.batch_targets(["AB", ""])
+    assert ids.tolist() == [[ord("A") + 3, ord("B") + 3, 1], [1, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert targets["index"].tolist() == [[0, 1, 2], [0, -100, -100]]
+    assert targets["length"].tolist() == [[3, 3, 3], [1, -100, -100]]
+    assert targets["prev"].tolist()[0] == [0, ord("A") + 3, ord("B") + 3] and targets["next"].tolist()[0][2] == 0
+    full, _ = runs
+    run = tmp_path / "run"
+    for stage in ("vae", "vae_decoder", "tokenizer"):
+        shutil.copytree(full / stage, run / stage)
+    decoder.train(preset, run, steps=2, progress=False)                 # started with the random encoder
+    shutil.copytree(tmp_path / "full" / "glyph", run / "glyph")
+    with pytest.raises(ValueError, match="glyph"):
+        decoder.train(preset, run, steps=3, resume=True, progress=False)
+    shutil.rmtree(run / "decoder")
+    decoder.train(preset, run, steps=2, progress=False)
+    ck = load_stage(run, "decoder")
+    assert ck["identity"] == {"glyph": "trained"}
+    trained = glyph.load_glyph(preset, tmp_path / "full").state_dict()
+    assert trained.keys() == ck["models"]["glyph"].keys()
+    assert all(torch.equal(ck["models"]["glyph"][k], v) for k, v in trained.items())
+    assert glyph.load_glyph(preset, tmp_path / "nothing") is None
+    main(["train", "glyph", "--preset", "debug", "--out", str(tmp_path / "cli"), "--steps", "2"])
+    assert load_stage(tmp_path / "cli", "glyph")["step"] == 2
+    # real data: the captions' quoted texts (and ""); captions without any quote are refused
+    import random
+
+    from glmimage.glyph import glyph_texts
+    (tmp_path / "real").mkdir()
+    folder, _ = _write_real_data(tmp_path / "real")
+    quoted = {t for f in folder.glob("*.txt") for t in glyph_texts(f.read_text()) if t}
+    drawn = {glyph.text_source(str(folder), 0)(random.Random(i)) for i in range(100)}
+    assert quoted and drawn == quoted | {""}
+    for f in folder.glob("*.txt"):
+        f.write_text("a photo of a cat")
+    with pytest.raises(ValueError, match="no quoted text"):
+        glyph.text_source(str(folder), 0)
 
 
 def test_decoder_loss_splits_into_row_blocks(runs):
@@ -889,6 +938,25 @@ def test_aspect_buckets(finetunes, tmp_path):
     (ph, pw), _ = prompt.target_grids
     assert torch.equal(seq[:P], prompt.input_ids[0]) and len(seq) == P + ph * pw + 15
     assert torch.equal(seq[P + ph * pw:], grid.flatten())
+
+
+def test_finetune_with_a_trained_glyph_encoder_exports_it(finetunes, tmp_path):
+    """A fine-tune whose run folder has a glyph stage trains its decoder on that encoder, and export writes the
+    encoder into text_encoder/ with the tuned DiT (the DiT learned to read it)."""
+    from safetensors.torch import load_file
+
+    from glmimage.train.export import export
+    root, model, folder, preset, _ = finetunes
+    run = tmp_path / "run"
+    glyph.train(get_preset("debug"), run, steps=2, progress=False)
+    decoder.train(preset, run, data=str(folder), steps=2, progress=False)
+    assert load_stage(run, "decoder")["identity"]["glyph"] == "trained"
+    out = export(run, tmp_path / "tuned")
+    written, base = (load_file(m / "text_encoder" / "model.safetensors") for m in (out, model))
+    trained = glyph.load_glyph(preset, run).state_dict()
+    assert written.keys() == base.keys() and written.keys() <= trained.keys()
+    assert all(torch.equal(written[k], trained[k].to(written[k].dtype)) for k in written)
+    assert any(not torch.equal(written[k], base[k]) for k in base)
 
 
 @pytest.mark.parametrize("run", ["full", "lora"])

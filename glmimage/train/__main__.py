@@ -1,9 +1,10 @@
-"""`glmimage train {vae,tokenizer,ar,decoder}` and `glmimage export`; also `python -m glmimage.train ...`.
+"""`glmimage train {vae,tokenizer,ar,glyph,decoder}` and `glmimage export`; also `python -m glmimage.train ...`.
 
     python -m glmimage.train vae --preset small --data synthetic --steps 3000 --out runs/small
     python -m glmimage.train vae_decoder --preset small --out runs/small   # optional: decoder-only fine-tune
     python -m glmimage.train tokenizer --preset small --out runs/small
     python -m glmimage.train ar --preset small --out runs/small
+    python -m glmimage.train glyph --preset small --out runs/small       # optional: a glyph encoder that spells
     python -m glmimage.train decoder --preset small --out runs/small
     python -m glmimage.train export --out runs/small --to glmimage/assets/model
 
@@ -15,7 +16,8 @@ and the same numbers up to float rounding:
     torchrun --nproc-per-node 8 -m glmimage.train ar --shard ...    # weights, grads, optimizer split 8 ways (FSDP2)
 
 Every stage writes DIR/<stage>/{ckpt.pt,log.jsonl,loss.png}; later stages read the earlier ones from the same DIR
-(ar and decoder need the tokenizer; decoder needs the vae). --resume continues from DIR/<stage>/ckpt.pt exactly.
+(ar and decoder need the tokenizer; decoder needs the vae, and uses the glyph stage when it ran). --resume continues
+from DIR/<stage>/ckpt.pt exactly.
 
 Fine-tuning a trained model (ours or the official one) on your own data, all of it or through LoRA adapters:
 
@@ -28,7 +30,7 @@ import argparse
 import sys
 from pathlib import Path
 
-STAGES = ("vae", "vae_decoder", "tokenizer", "ar", "decoder")
+STAGES = ("vae", "vae_decoder", "tokenizer", "ar", "glyph", "decoder")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -128,7 +130,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 def run_train(args) -> None:
     import torch
-    from glmimage.train import ar, decoder, tokenizer, vae
+    from glmimage.train import ar, decoder, glyph, tokenizer, vae
     from glmimage.train.common import setup_runtime
     from glmimage.train.presets import from_model, get_preset
 
@@ -164,7 +166,7 @@ def run_train(args) -> None:
             raise ValueError(f"--ckpt-every must be a positive number of steps, got {args.ckpt_every}")
         preset.stages[args.stage].ckpt_every = args.ckpt_every
     fn = {"vae": vae.train, "vae_decoder": vae.train_decoder, "tokenizer": tokenizer.train, "ar": ar.train,
-          "decoder": decoder.train}[args.stage]
+          "glyph": glyph.train, "decoder": decoder.train}[args.stage]
     kwargs = {"object_weight": args.object_weight} if args.object_weight is not None else {}
     if kwargs and args.stage not in ("ar", "decoder"):
         raise ValueError(f"--object-weight applies to the ar and decoder stages, not {args.stage}")

@@ -6,8 +6,9 @@
 
 Conditioning, as the pipeline feeds it:
   * prior ids: the tokenizer's ids of the target image (ground truth), nearest-upsampled to the DiT grid;
-  * glyph: GlyphEncoder of the caption (t2i) or the instruction (edit): ByT5-shaped T5 encoder, random init and
-    frozen (a fixed, injective byte/position code; the DiT's glyph_projector learns to read it);
+  * glyph: GlyphEncoder of the caption (t2i) or the instruction (edit), frozen: the run's trained one when
+    `glmimage train glyph` ran first (train/glyph.py: its outputs say which character and where), else a random
+    ByT5-shaped T5 (injective, but a letter's output barely depends on its position: see train/glyph.py);
   * size (H, W) and crop (top, left): the image's own (aspect-ratio buckets), and where a real image was cut
     when it was fitted to that size ((0, 0) for synthetic scenes; sampling asks for (0, 0): an uncropped look);
   * edits: the source image's reference KV prefix (dit.reference_kv, with gradients) on the conditional branch;
@@ -40,7 +41,7 @@ from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
 from glmimage.train.common import (SAMPLE_GUIDANCE, SAMPLE_STEPS, Runtime, Sampling, ShardRoot, Validation,
-                                   atomic_save, finetune_identity, load_stage, save_samples, train_loop,
+                                   atomic_save, checkpoint_path, finetune_identity, load_stage, save_samples, train_loop,
                                    trained_weights, wrap_blocks)
 from glmimage.train.data import (VAL_SEED_OFFSET, Prefetch, bucket_sizes, by_size, has_synthetic, held_out,
                                  make_source, to_pixels)
@@ -53,13 +54,14 @@ CACHE_SIZE = {"debug": 8, "small": 4000}
 SCENE_KWARGS = dict(paraphrase_p=0.3, word_p=0.5, chinese_p=0.3, unseen_p=0.3)
 
 
-def build_glyph(preset: TrainPreset, seed: int) -> GlyphEncoder:
-    """A random ByT5-shaped encoder (frozen), or the init model's glyph encoder when fine-tuning."""
-    from transformers import T5Config, T5EncoderModel
-    if preset.init is not None:
+def build_glyph(preset: TrainPreset, seed: int, run_dir: Path | None = None) -> GlyphEncoder:
+    """The run's trained glyph encoder when it has one (`glmimage train glyph`, train/glyph.py), else the init
+    model's when fine-tuning, else a random ByT5-shaped one; frozen in every case."""
+    from glmimage.train.glyph import build_t5, load_glyph
+    t5 = load_glyph(preset, run_dir) if run_dir is not None else None
+    if t5 is None and preset.init is not None:
         return GlyphEncoder.from_folder(preset.init / "text_encoder", dtype=torch.float32).requires_grad_(False)
-    torch.manual_seed(seed + 1)
-    t5 = T5EncoderModel(T5Config(**model_configs(preset, 260)["text_encoder"]))
+    t5 = build_t5(preset, seed) if t5 is None else t5
     return GlyphEncoder(t5).eval().requires_grad_(False)
 
 
@@ -300,7 +302,9 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         sizes_held = sorted({tuple(x) for x in cache["size"].tolist()}) if "size" in cache else "one"
         raise ValueError(f"no image size (aspect bucket) holds a whole batch of {cfg.batch} among the {n} cached "
                          f"examples (sizes {sizes_held}): give a smaller --batch, more images, or fewer buckets")
-    glyph = build_glyph(preset, seed)
+    glyph = build_glyph(preset, seed, out)
+    if checkpoint_path(out, "glyph") is not None:     # a trained glyph encoder: a resume must keep it
+        identity = {**identity, "glyph": "trained"}
     glyph.memo = {}                     # frozen: each quoted-text tuple is encoded once, then looked up
     dit = build_dit(preset, seed)
     models, trainable = wrap_blocks("dit", dit, dit.transformer_blocks, rt, seed, lora, recompute, compile)

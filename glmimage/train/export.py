@@ -5,7 +5,8 @@ sharded ckpt.dcp/ of a --shard run).
 
 A fine-tuning run (`--init MODEL`, with or without `--lora`) exports as a copy of MODEL whose fine-tuned
 components (transformer/ for the decoder, the AR half of vision_language_encoder/ for ar) hold the run's weights,
-LoRA adapters merged, stored in the dtype MODEL stores them in.
+LoRA adapters merged, stored in the dtype MODEL stores them in; text_encoder/ too when the run's decoder read a glyph
+encoder trained in the run (`train glyph`) instead of MODEL's.
 
 A run that trained some stages from scratch on another model's image tokenizer (`--base MODEL`: e.g. a new AR for
 the bundled model, trained on its tokenizer reproduced in the run folder) exports the same way: a copy of MODEL with
@@ -209,6 +210,8 @@ def export_finetuned(run_dir: Path, to: Path, stages: list[str], dtype: str = "a
     p = from_model(init, get_preset("debug"), identity["size"])       # sizes only: no stage setting is used
     replaced = {init / "transformer"} if "decoder" in cks else set()
     replaced |= {init / "vision_language_encoder"} if "ar" in cks else set()
+    new_glyph = "decoder" in cks and cks["decoder"]["identity"].get("glyph") == "trained"   # (train glyph)
+    replaced |= {init / "text_encoder"} if new_glyph else set()
 
     def weights_to_replace(folder: str, names: list[str]) -> list[str]:     # not copied only to be deleted
         return [n for n in names if ".safetensors" in n] if Path(folder) in replaced else []
@@ -221,6 +224,10 @@ def export_finetuned(run_dir: Path, to: Path, stages: list[str], dtype: str = "a
         tuned_module(cks["decoder"], "dit", dit, dit.transformer_blocks)
         dt = explicit or stored_dtype(init / "transformer")
         replace_weights(to / "transformer", "diffusion_pytorch_model.safetensors", _state(dit, None, dt))
+    if new_glyph:                       # the decoder learned to read the run's glyph encoder: it goes with it
+        glyph = decoder.build_glyph(p, 0)                                        # the init model's, replaced
+        glyph.t5.load_state_dict(cks["decoder"]["models"]["glyph"])
+        glyph.t5.to(explicit or stored_dtype(init / "text_encoder")).save_pretrained(to / "text_encoder")
     if "ar" in cks:
         model = ar.build_ar(p, 0, 0)
         tuned_module(cks["ar"], "ar", model, model.decoder.layers)

@@ -83,6 +83,7 @@ PRESETS: dict[str, TrainPreset] = {
             "tokenizer": StageConfig(batch=4, lr=1e-3, steps=4, warmup=1, ckpt_every=2),
             "ar": StageConfig(batch=4, lr=1e-3, steps=4, warmup=1, ckpt_every=2),
             "decoder": StageConfig(batch=4, lr=1e-3, steps=4, warmup=1, ckpt_every=2),
+            "glyph": StageConfig(batch=4, lr=1e-3, steps=4, warmup=1, ckpt_every=2),
         },
     ),
     "small": TrainPreset(
@@ -109,6 +110,7 @@ PRESETS: dict[str, TrainPreset] = {
             "tokenizer": StageConfig(batch=32, lr=1e-3, steps=1500, warmup=100, ckpt_every=100),
             "ar": StageConfig(batch=16, lr=1e-3, steps=3000, warmup=100, ckpt_every=100, weight_decay=0.05),
             "decoder": StageConfig(batch=16, lr=5e-4, steps=1800, warmup=100, ckpt_every=100),
+            "glyph": StageConfig(batch=64, lr=1e-3, steps=2000, warmup=100, ckpt_every=500),
         },
     ),
 }
