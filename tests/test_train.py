@@ -160,11 +160,19 @@ def test_glyph_stage_resumes_and_the_decoder_uses_it(runs, tmp_path):
     import random
 
     from glmimage.glyph import glyph_texts
+    from glmimage.data.scenes import WORD_KINDS, sample_word
     (tmp_path / "real").mkdir()
-    folder, _ = _write_real_data(tmp_path / "real")
+    folder, shard = _write_real_data(tmp_path / "real")
     quoted = {t for f in folder.glob("*.txt") for t in glyph_texts(f.read_text()) if t}
-    drawn = {glyph.text_source(str(folder), 0)(random.Random(i)) for i in range(100)}
-    assert quoted and drawn == quoted | {""}
+    for data in (folder, shard):
+        drawn = {glyph.text_source(str(data), 0)(random.Random(i)) for i in range(100)}
+        assert quoted and drawn == quoted | {""}
+    mixed = {glyph.text_source(f"synthetic+{folder}", 0)(random.Random(i)) for i in range(200)}
+    assert quoted < mixed and len(mixed - quoted - {""}) > 20                 # scene words too
+    scenes = glyph.text_source("synthetic", 0)                               # one draw per text, as trained so far
+    for i in range(50):
+        a, b = random.Random(i), random.Random(i)
+        assert scenes(a) == ("" if b.random() < glyph.EMPTY_P else sample_word(b, b.choice(WORD_KINDS)))
     for f in folder.glob("*.txt"):
         f.write_text("a photo of a cat")
     with pytest.raises(ValueError, match="no quoted text"):

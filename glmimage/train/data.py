@@ -48,6 +48,9 @@ class FolderSource:
     def __len__(self) -> int:                   # distinct examples
         return len(self.folder)
 
+    def caption(self, i: int) -> str:           # the text alone (no image read)
+        return self.folder.items[i % len(self.folder)][1].read_text(encoding="utf-8").strip()
+
     def example(self, i: int) -> dict:
         item = self.folder[i % len(self.folder)]
         image, crop = fit_image(item["image"], self.size, self.buckets)
@@ -85,16 +88,23 @@ class ShardSource:
     def __len__(self) -> int:                   # distinct examples
         return len(self.items)
 
-    def example(self, i: int) -> dict:
-        import io
+    def _tar(self, shard: str):
         import tarfile
-
-        from glmimage.data.folder import load_rgb
-        shard, key, image_member, caption_member = self.items[i % len(self.items)]
         tars = self.local.__dict__.setdefault("tars", {})
         if shard not in tars:
             tars[shard] = tarfile.open(shard)
-        tar = tars[shard]
+        return tars[shard]
+
+    def caption(self, i: int) -> str:           # the text alone (no image read)
+        shard, _, _, caption_member = self.items[i % len(self.items)]
+        return self._tar(shard).extractfile(caption_member).read().decode("utf-8").strip()
+
+    def example(self, i: int) -> dict:
+        import io
+
+        from glmimage.data.folder import load_rgb
+        shard, key, image_member, caption_member = self.items[i % len(self.items)]
+        tar = self._tar(shard)
         with Image.open(io.BytesIO(tar.extractfile(image_member).read())) as im:
             image, crop = fit_image(load_rgb(im), self.size, self.buckets)
         caption = tar.extractfile(caption_member).read().decode("utf-8").strip()

@@ -10,7 +10,7 @@ frozen) a letter's output is 0.999 cosine-similar wherever it stands in the word
 to any other letter, a bag of letters from which no decoder can spell ('CAT' drawn as 'CAC', 'HOUSE' as 'HUUSE').
 GLM-Image itself uses Glyph-ByT5, a ByT5 trained against rendered glyphs, for the same reason.
 
-Objective (self-supervised, on text alone, a few minutes on a CPU): linear heads read, from each output token, its
+Objective (self-supervised, on text alone: 38 s for the small preset on a 2-core CPU): linear heads read, from each output token, its
 byte, its index in its text, the text's length in tokens and the bytes before and after it (cross-entropy each,
 averaged). The outputs then carry identity, position and neighbours linearly: what the DiT's glyph projector and
 attention need to place each character. The heads are training-only; the T5 is what the decoder stage then uses
@@ -20,7 +20,7 @@ export writes to `text_encoder/`.
 Texts: the quoted words the scene data draws (glmimage.data.scenes.sample_word: the training list, random
 uppercase strings, the Chinese list) and "" (the CFG negative branch), each tokenized exactly as the pipeline does
 (glyph.glyph_token_ids: bytes + 3, `</s>`), one text per prompt. On real data (--data PATH) the quoted substrings of
-the folder's captions are used instead, with "".
+its captions (read without their images) are used instead, with ""; a mix (`synthetic+PATH`) draws from both.
 """
 from __future__ import annotations
 
@@ -70,18 +70,24 @@ class Heads(nn.Module):
 
 
 def text_source(data: str, seed: int):
-    """data -> texts(rng) -> one glyph text per call, as the decoder will see them."""
-    if data == "synthetic":
-        def draw(rng: random.Random) -> str:
-            return "" if rng.random() < EMPTY_P else sample_word(rng, rng.choice(WORD_KINDS))
-        return draw
-    from glmimage.train.data import make_source
-    src = make_source(data, seed, 64)
-    quoted = sorted({t for i in range(len(src)) for t in glyph_texts(src.example(i)["caption"]) if t})
-    if not quoted:
+    """data -> draw(rng) -> one glyph text per call, as the decoder will see them: "" (EMPTY_P), else a scene word
+    (synthetic data) or a quoted substring of a real source's captions (half each when --data mixes them)."""
+    from glmimage.train.data import make_source, parts_of
+    parts = parts_of(data)
+    quoted = sorted({t for part in parts if part != "synthetic" for src in [make_source(part, seed, 64)]
+                     for i in range(len(src)) for t in glyph_texts(src.caption(i)) if t})
+    synthetic = "synthetic" in parts
+    if not quoted and not synthetic:
         raise ValueError(f"no quoted text in the captions of {data}: the glyph stage learns from quoted text "
                          f"('...', \u201c...\u201d, \"...\", \u300c...\u300d); train the decoder without it")
-    return lambda rng: "" if rng.random() < EMPTY_P else rng.choice(quoted)
+
+    def draw(rng: random.Random) -> str:
+        if rng.random() < EMPTY_P:
+            return ""
+        if synthetic and (not quoted or rng.random() < 0.5):
+            return sample_word(rng, rng.choice(WORD_KINDS))
+        return rng.choice(quoted)
+    return draw
 
 
 def batch_targets(texts: list[str]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
