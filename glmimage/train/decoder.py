@@ -41,8 +41,8 @@ from glmimage.dit import Context, DiT, DiTConfig, rope_table, text_key_mask
 from glmimage.glyph import GlyphEncoder
 from glmimage.schedule import shift_mu, time_shift
 from glmimage.train.common import (SAMPLE_GUIDANCE, SAMPLE_STEPS, Runtime, Sampling, ShardRoot, Validation,
-                                   atomic_save, checkpoint_path, finetune_identity, load_stage, save_samples, train_loop,
-                                   trained_weights, wrap_blocks)
+                                   atomic_save, checkpoint_path, finetune_identity, load_stage, save_samples,
+                                   train_loop, trained_weights, wrap_blocks)
 from glmimage.train.data import (VAL_SEED_OFFSET, Prefetch, bucket_sizes, by_size, has_synthetic, held_out,
                                  make_source, to_pixels)
 from glmimage.train.presets import TrainPreset, model_configs

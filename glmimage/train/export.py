@@ -225,9 +225,11 @@ def export_finetuned(run_dir: Path, to: Path, stages: list[str], dtype: str = "a
         dt = explicit or stored_dtype(init / "transformer")
         replace_weights(to / "transformer", "diffusion_pytorch_model.safetensors", _state(dit, None, dt))
     if new_glyph:                       # the decoder learned to read the run's glyph encoder: it goes with it
-        glyph = decoder.build_glyph(p, 0)                                        # the init model's, replaced
-        glyph.t5.load_state_dict(cks["decoder"]["models"]["glyph"])
-        glyph.t5.to(explicit or stored_dtype(init / "text_encoder")).save_pretrained(to / "text_encoder")
+        from glmimage.train.glyph import load_glyph
+        t5 = load_glyph(p, run_dir)     # (a LoRA checkpoint does not hold the frozen encoder: read from its stage)
+        if t5 is None:
+            raise ValueError(f"{run_dir}'s decoder read the run's glyph stage, which is gone from {run_dir / 'glyph'}")
+        t5.to(explicit or stored_dtype(init / "text_encoder")).save_pretrained(to / "text_encoder")
     if "ar" in cks:
         model = ar.build_ar(p, 0, 0)
         tuned_module(cks["ar"], "ar", model, model.decoder.layers)
