@@ -11,11 +11,11 @@ to any other letter, a bag of letters from which no decoder can spell ('CAT' dra
 GLM-Image itself uses Glyph-ByT5, a ByT5 trained against rendered glyphs, for the same reason.
 
 Objective (self-supervised, on text alone: 38 s for the small preset on a 2-core CPU): linear heads read, from each
-output token, its byte, its index in its text, the text's length in tokens and the bytes before and after it (cross-
-entropy each, averaged). The outputs then carry identity, position and neighbours linearly: what the DiT's glyph
-projector and attention need to place each character. The heads are training-only; the T5 is what the decoder stage
-then uses (frozen, as before; `train decoder` reads DIR/glyph/ when it exists and records that in its checkpoint)
-and what export writes to `text_encoder/`.
+output token, its byte, its index in its text, the text's length in tokens and the bytes before and after it
+(cross-entropy each, averaged). The outputs then carry identity, position and neighbours linearly: what the DiT's
+glyph projector and attention need to place each character. The heads are training-only; the T5 is what the decoder
+stage then uses (frozen, as before; `train decoder` reads DIR/glyph/ when it exists and records that in its
+checkpoint) and what export writes to `text_encoder/`.
 
 Texts: the quoted words the scene data draws (glmimage.data.scenes.sample_word: the training list, random
 uppercase strings, the Chinese list) and "" (the CFG negative branch), each tokenized exactly as the pipeline does
