@@ -122,11 +122,14 @@ class ImageTextFolder(IterableDataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def caption(self, i: int) -> str:           # the text alone (no image read)
+        return self.items[i][1].read_text(encoding="utf-8").strip()
+
     def __getitem__(self, i: int) -> dict:
-        image_path, txt_path = self.items[i]
+        image_path = self.items[i][0]
         with Image.open(image_path) as im:
             image = resize_center_crop(im, self.size)
-        return {"image": image, "caption": txt_path.read_text(encoding="utf-8").strip(),
+        return {"image": image, "caption": self.caption(i),
                 "key": str(image_path.relative_to(self.root).with_suffix(""))}
 
     def __iter__(self):

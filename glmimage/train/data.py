@@ -49,7 +49,7 @@ class FolderSource:
         return len(self.folder)
 
     def caption(self, i: int) -> str:           # the text alone (no image read)
-        return self.folder.items[i % len(self.folder)][1].read_text(encoding="utf-8").strip()
+        return self.folder.caption(i % len(self.folder))
 
     def example(self, i: int) -> dict:
         item = self.folder[i % len(self.folder)]
@@ -103,12 +103,11 @@ class ShardSource:
         import io
 
         from glmimage.data.folder import load_rgb
-        shard, key, image_member, caption_member = self.items[i % len(self.items)]
+        shard, key, image_member, _ = self.items[i % len(self.items)]
         tar = self._tar(shard)
         with Image.open(io.BytesIO(tar.extractfile(image_member).read())) as im:
             image, crop = fit_image(load_rgb(im), self.size, self.buckets)
-        caption = tar.extractfile(caption_member).read().decode("utf-8").strip()
-        return {"kind": "t2i", "index": i, "image": image, "caption": caption, "key": key, "crop": crop}
+        return {"kind": "t2i", "index": i, "image": image, "caption": self.caption(i), "key": key, "crop": crop}
 
 
 def bucket_sizes(size: int, unit: int, max_ratio: float | None) -> list[tuple[int, int]] | None:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from glmimage.data.scenes import WORD_KINDS, sample_word
 from glmimage.glyph import PAD, GlyphEncoder, glyph_texts, glyph_token_ids
-from glmimage.train.common import Runtime, train_loop
+from glmimage.train.common import Runtime, checkpoint_path, load_stage, train_loop, trained_weights
 from glmimage.train.presets import TrainPreset, model_configs
 
 MAX_INDEX = 32          # positions the index / length heads tell apart (longer texts share the last class)
@@ -52,7 +52,6 @@ def build_t5(preset: TrainPreset, seed: int) -> nn.Module:
 def load_glyph(preset: TrainPreset, run_dir: Path) -> nn.Module | None:
     """The run's trained glyph T5 (frozen, eval; the moving average with --ema), or None when the run has no glyph
     stage."""
-    from glmimage.train.common import checkpoint_path, load_stage, trained_weights
     if checkpoint_path(run_dir, "glyph") is None:
         return None
     t5 = build_t5(preset, 0)
@@ -124,14 +123,13 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         input_ids, mask, targets = batch_targets(texts)
         with rt.autocast_context():
             h = t5(input_ids=input_ids.to(rt.device), attention_mask=mask.to(rt.device)).last_hidden_state  # [B,S,D]
-        losses = {k: F.cross_entropy(getattr(heads, k)(h.float()).flatten(0, 1), t.to(rt.device).flatten())
-                  for k, t in targets.items()}
-        with torch.no_grad():
-            right = heads.byte(h.float()).argmax(-1) == targets["byte"].to(rt.device)
-            index_right = heads.index(h.float()).argmax(-1) == targets["index"].to(rt.device)
-            valid = mask.to(rt.device).bool()
-        metrics = {**{k: v.detach() for k, v in losses.items()},
-                   "byte_acc": right[valid].float().mean(), "index_acc": index_right[valid].float().mean()}
+        targets = {k: t.to(rt.device) for k, t in targets.items()}
+        logits = {k: getattr(heads, k)(h.float()) for k in targets}                      # [B, S, classes] each
+        losses = {k: F.cross_entropy(logits[k].flatten(0, 1), t.flatten()) for k, t in targets.items()}
+        valid = mask.to(rt.device).bool()
+        acc = {f"{k}_acc": (logits[k].detach().argmax(-1) == targets[k])[valid].float().mean()
+               for k in ("byte", "index")}
+        metrics = {**{k: v.detach() for k, v in losses.items()}, **acc}
         return sum(losses.values()) / len(losses), int(mask.sum()), metrics     # a mean over valid tokens
 
     return train_loop("glyph", out, {"t5": t5, "heads": heads}, list(t5.parameters()) + list(heads.parameters()),
