@@ -3,7 +3,9 @@
     python benchmarks/train_speed.py --run runs/small --stage decoder --steps 40 \
         --setups 1x2:fp32,1x2:bf16,2x1:fp32,2x1:bf16 --out benchmarks/results/train-speed-small-cpu.jsonl
 
-A setup is PxT:PRECISION[:ACCUM] (P processes under torchrun with T torch threads each). Each one trains the stage
+A setup is PxT:PRECISION[:ACCUM][:compile] (P processes under torchrun with T torch threads each; `compile` adds
+`--compile`, each block torch.compile'd); --args adds the same flags to every setup (e.g. the shipped recipe's
+"--object-weight 4 --ema 0.999"). Each one trains the stage
 from scratch for --steps steps in a scratch folder that links the run's earlier stages (read only; the decoder's
 latent cache too), with `python -m glmimage.train`, the command users run. Seconds per step is the median step time
 of process 0 after the first --warmup steps; one JSON line per setup is appended to --out.
@@ -23,10 +25,12 @@ UPSTREAM = {"vae": [], "vae_decoder": ["vae"], "tokenizer": [], "ar": ["tokenize
             "decoder": ["vae", "tokenizer"]}
 
 
-def parse_setup(text: str) -> tuple[int, int, str, int]:
+def parse_setup(text: str) -> tuple[int, int, str, int, bool]:
     parts = text.split(":")
+    compiled = parts[-1] == "compile"
+    parts = parts[:-1] if compiled else parts
     procs, threads = (int(v) for v in parts[0].split("x"))
-    return procs, threads, parts[1] if len(parts) > 1 else "fp32", int(parts[2]) if len(parts) > 2 else 1
+    return procs, threads, parts[1] if len(parts) > 1 else "fp32", int(parts[2]) if len(parts) > 2 else 1, compiled
 
 
 def scratch_run(run: Path, stage: str, root: Path) -> Path:
@@ -39,13 +43,15 @@ def scratch_run(run: Path, stage: str, root: Path) -> Path:
     return out
 
 
-def measure(run: Path, stage: str, preset: str, steps: int, warmup: int, setup: str, root: Path) -> dict:
-    procs, threads, precision, accum = parse_setup(setup)
+def measure(run: Path, stage: str, preset: str, steps: int, warmup: int, setup: str, root: Path,
+            extra: list[str] = ()) -> dict:
+    procs, threads, precision, accum, compiled = parse_setup(setup)
     out = scratch_run(run, stage, root)
     launch = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc-per-node={procs}"]
     cmd = [*launch, "-m", "glmimage.train", stage, "--preset", preset, "--out", str(out), "--steps", str(steps),
-           "--threads", str(threads), "--precision", precision, "--accum", str(accum), "--device", "cpu"]
+           "--threads", str(threads), "--precision", precision, "--accum", str(accum), "--device", "cpu",
+           *(["--compile"] if compiled else []), *extra]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -57,7 +63,7 @@ def measure(run: Path, stage: str, preset: str, steps: int, warmup: int, setup: 
     from glmimage.train.presets import get_preset
     batch = get_preset(preset).stages[stage].batch
     return {"stage": stage, "preset": preset, "setup": setup, "processes": procs, "threads": threads,
-            "precision": precision, "accum": accum, "batch": batch, "steps": steps, "s_per_step": round(s, 4),
+            "precision": precision, "accum": accum, "compile": compiled, "batch": batch, "steps": steps, "s_per_step": round(s, 4),
             "samples_per_s": round(batch / s, 2), "final_loss": log[-1]["loss"],
             "machine": machine_name(torch.device("cpu")).split(",")[0], "cpus": os.cpu_count(),
             "torch": torch.__version__, "command": " ".join(cmd[len(launch):])}
@@ -71,11 +77,13 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--setups", default="1x2:fp32,1x2:bf16,2x1:fp32,2x1:bf16")
+    ap.add_argument("--args", default="", help="extra `glmimage.train` flags for every setup, one string")
     ap.add_argument("--out", required=True, help="JSONL file to append to")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as root:
         for setup in args.setups.split(","):
-            rec = measure(Path(args.run), args.stage, args.preset, args.steps, args.warmup, setup, Path(root))
+            rec = measure(Path(args.run), args.stage, args.preset, args.steps, args.warmup, setup, Path(root),
+                          args.args.split())
             print(json.dumps(rec), flush=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
