@@ -220,14 +220,19 @@ def test_export_loads_and_generates(runs, tmp_path):
 
     from glmimage.train.diagnose import S_LEVELS
     from glmimage.train.diagnose import main as diagnose
-    diagnose(["--model", str(out), "--run", str(full), "--preset", "debug", "--n", "2", "--steps", "2",
+    diagnose(["--model", str(out), "--run", str(full), "--preset", "debug", "--n", "2", "--steps", "2", "--words", "1",
               "--out", str(tmp_path / "diag.json")])
     report = json.loads((tmp_path / "diag.json").read_text())
     assert report["cache_size"] == 8 and report["oracle"]["train"]["n_t2i"] == 2
+    for words in report["words"].values():            # one example with a word per set, read back by OCR
+        assert words["n"] == 1 and 0 <= words["ned"] <= 1 and words["exact"] in (0, 1)
+        assert sum(k["n"] for k in words["by_kind"].values()) == 1
     for errors in report["x0_error"].values():        # near the data the estimate is nearly exact, whatever the DiT
         assert len(errors) == len(S_LEVELS) and 0 <= errors[0] < errors[-1]
     with pytest.raises(ValueError, match="lower --n"):
         diagnose(["--model", str(out), "--run", str(full), "--preset", "debug", "--n", "8", "--steps", "1"])
+    with pytest.raises(ValueError, match="--words >= 0"):
+        diagnose(["--model", str(out), "--run", str(full), "--preset", "debug", "--words", "-1"])
 
 
 def test_unknown_preset():

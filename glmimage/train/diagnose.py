@@ -9,6 +9,10 @@
   there between the two sets is memorisation.
 * Scene scores from the tokenizer's ids of the example's own image (the decoder's ceiling, as evaluate's
   --oracle-tokens): n t2i examples without a word from the training stream vs n from the fresh stream.
+* Words the same way (--words N): N t2i examples with a word from the training stream (words the decoder saw, drawn
+  as it saw them) vs N fresh ones, read back by OCR: exact and normalised edit distance, overall and per kind. A
+  decoder that spells its training words but not fresh ones lacks data; one that spells neither, capacity or a
+  glyph encoder it can read.
 
 --model is the exported folder (its DiT, glyph encoder, VAE, tokenizer); --run the run folder whose
 decoder/cache.pt and vae/tokenizer stages the decoder trained on (synthetic data).
@@ -49,23 +53,28 @@ def x0_errors(dit, glyph, cache: dict, n: int, size: int, noise_seed: int = 5) -
     return out
 
 
-def oracle_scores(pipe, source, n: int, steps: int, guidance: float, limit: int | None = None) -> dict:
-    """Scene scores of n word-less t2i examples of `source` (among its first `limit`), each decoded from its own
-    image's token ids."""
+def oracle_scores(pipe, source, n: int, steps: int, guidance: float, limit: int | None = None,
+                  words: bool = False) -> dict:
+    """Scene scores of n t2i examples of `source` (among its first `limit`), each decoded from its own image's token
+    ids: word-less examples and their object scores, or (words) examples with a word and its OCR scores."""
     from glmimage.eval_scenes import check_scene, score
     results, i = [], 0
+    what = "with a word" if words else "word-less"
     while len(results) < n:
         if limit is not None and i >= limit:
-            raise ValueError(f"only {len(results)} word-less t2i examples among the first {limit}: lower --n")
+            raise ValueError(f"only {len(results)} {what} t2i examples among the first {limit}: lower --n / --words")
         ex = source.example(i)
         i += 1
-        if ex["kind"] != "t2i" or ex["scene"].word is not None:
+        if ex["kind"] != "t2i" or (ex["scene"].word is not None) != words:
             continue
         prior = pipe.encode_references([ex["image"]])[0]
         image = pipe(ex["caption"], height=pipe.native_size, width=pipe.native_size, num_inference_steps=steps,
                      guidance_scale=guidance, seed=i, prior_token_ids=prior)[0]
-        results.append(check_scene(image, ex["scene"], ocr=False))
+        results.append(check_scene(image, ex["scene"], ocr=words))
     s = score(results)
+    if words:
+        return {"n": n, "exact": sum(r["word_right"] for r in results) / n,
+                "ned": sum(r["word_ned"] for r in results) / n, "by_kind": s["word"]}
     return {k: s[k] for k in ("n_t2i", "object_accuracy", "scene_exact", "extra_objects_per_image")}
 
 
@@ -78,12 +87,16 @@ def main(argv=None) -> None:
     ap.add_argument("--run", required=True, help="run folder the decoder trained in (its decoder/cache.pt)")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--n", type=int, default=60, help="examples per set (default 60)")
+    ap.add_argument("--words", type=int, default=0, metavar="N",
+                    help="also N examples with a word per set, read back by OCR (default 0: off)")
     ap.add_argument("--fresh-seed", type=int, default=1, help="data seed of the fresh set (training used 0)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the report here (JSON)")
     args = ap.parse_args(argv)
+    if args.n < 1 or args.words < 0:
+        raise ValueError(f"--n must be >= 1 and --words >= 0, got {args.n} and {args.words}")
     if args.threads:
         torch.set_num_threads(args.threads)
     preset, run = get_preset(args.preset), Path(args.run)
@@ -100,6 +113,12 @@ def main(argv=None) -> None:
                                              limit)
                          for name, seed, limit in (("train", 0, len(train_cache["text"])),
                                                    ("fresh", args.fresh_seed, None))}}
+    if args.words:
+        report["words"] = {name: oracle_scores(pipe, make_source("synthetic", seed, preset.image_size, kinds=kinds,
+                                                                 **SCENE_KWARGS), args.words, args.steps,
+                                               args.guidance, limit, words=True)
+                           for name, seed, limit in (("train", 0, len(train_cache["text"])),
+                                                     ("fresh", args.fresh_seed, None))}
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text)
