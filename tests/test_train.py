@@ -233,6 +233,14 @@ def test_export_loads_and_generates(runs, tmp_path):
         diagnose(["--model", str(out), "--run", str(full), "--preset", "debug", "--n", "8", "--steps", "1"])
     with pytest.raises(ValueError, match="--words >= 0"):
         diagnose(["--model", str(out), "--run", str(full), "--preset", "debug", "--words", "-1"])
+    # a fine-tune's run folder has no vae or tokenizer stage: the fresh cache is built with its model's own
+    from glmimage.train.__main__ import main
+    main(["train", "decoder", "--preset", "debug", "--data", "synthetic", "--init", str(out), "--steps", "2",
+          "--out", str(tmp_path / "ft")])
+    main(["export", "--out", str(tmp_path / "ft"), "--to", str(tmp_path / "ft-model")])
+    diagnose(["--model", str(tmp_path / "ft-model"), "--run", str(tmp_path / "ft"), "--preset", "debug", "--n", "1",
+              "--steps", "1", "--out", str(tmp_path / "diag-ft.json")])
+    assert json.loads((tmp_path / "diag-ft.json").read_text())["oracle"]["fresh"]["n_t2i"] == 1
 
 
 def test_unknown_preset():

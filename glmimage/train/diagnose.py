@@ -15,7 +15,8 @@
   glyph encoder it can read.
 
 --model is the exported folder (its DiT, glyph encoder, VAE, tokenizer); --run the run folder whose
-decoder/cache.pt and vae/tokenizer stages the decoder trained on (synthetic data).
+decoder/cache.pt and vae/tokenizer stages the decoder trained on (synthetic data); for a fine-tune (`--init`), whose
+run folder has no vae stage, the model's own VAE and tokenizer (those of the model it started from).
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def oracle_scores(pipe, source, n: int, steps: int, guidance: float, limit: int 
 def main(argv=None) -> None:
     from glmimage.pipeline import Pipeline
     from glmimage.train.data import make_source
-    from glmimage.train.presets import get_preset
+    from glmimage.train.presets import from_model, get_preset
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="exported model folder")
     ap.add_argument("--run", required=True, help="run folder the decoder trained in (its decoder/cache.pt)")
@@ -100,6 +101,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset, run = get_preset(args.preset), Path(args.run)
+    if not (run / "vae").exists():      # a fine-tune (--init): it trained on the VAE and tokenizer its export holds
+        preset = from_model(args.model, preset)
     pipe = Pipeline.from_pretrained(args.model)
     train_cache = torch.load(run / "decoder" / "cache.pt", weights_only=False)
     fresh_cache = build_cache(preset, run, "synthetic", args.fresh_seed, 2 * args.n, progress=False)
