@@ -63,7 +63,8 @@ def measure(run: Path, stage: str, preset: str, steps: int, warmup: int, setup: 
     from glmimage.train.presets import get_preset
     batch = get_preset(preset).stages[stage].batch
     return {"stage": stage, "preset": preset, "setup": setup, "processes": procs, "threads": threads,
-            "precision": precision, "accum": accum, "compile": compiled, "batch": batch, "steps": steps, "s_per_step": round(s, 4),
+            "precision": precision, "accum": accum, "compile": compiled, "batch": batch, "steps": steps,
+            "s_per_step": round(s, 4),
             "samples_per_s": round(batch / s, 2), "final_loss": log[-1]["loss"],
             "machine": machine_name(torch.device("cpu")).split(",")[0], "cpus": os.cpu_count(),
             "torch": torch.__version__, "command": " ".join(cmd[len(launch):])}

@@ -11,8 +11,8 @@
   --oracle-tokens): n t2i examples without a word from the training stream vs n from the fresh stream.
 * Words the same way (--words N): N t2i examples with a word from the training stream (words the decoder saw, drawn
   as it saw them) vs N fresh ones, read back by OCR: exact and normalised edit distance, overall and per kind. A
-  decoder that spells its training words but not fresh ones lacks data; one that spells neither, capacity or a
-  glyph encoder it can read.
+  decoder that spells its training words but not fresh ones lacks data; one that spells neither has not learnt to
+  draw letters (too little training, or capacity: a run overfit on a few examples tells which).
 
 --model is the exported folder (its DiT, glyph encoder, VAE, tokenizer); --run the run folder whose
 decoder/cache.pt and vae/tokenizer stages the decoder trained on (synthetic data); for a fine-tune (`--init`), whose
