@@ -15,8 +15,8 @@
   draw letters (too little training, or capacity: a run overfit on a few examples tells which).
 
 --model is the exported folder (its DiT, glyph encoder, VAE, tokenizer); --run the run folder whose
-decoder/cache.pt and vae/tokenizer stages the decoder trained on (synthetic data); for a fine-tune (`--init`), whose
-run folder has no vae stage, the model's own VAE and tokenizer (those of the model it started from).
+decoder/cache.pt and vae/tokenizer stages the decoder trained on (synthetic data); for a fine-tune (`--init`, recorded
+in its checkpoint), whose run folder has no such stages, the model's own VAE and tokenizer (its init model's).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from glmimage.train.common import load_stage
 from glmimage.train.decoder import SCENE_KWARGS, build_cache, schedule_point
 
 S_LEVELS = (0.05, 0.15, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -101,27 +102,25 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset, run = get_preset(args.preset), Path(args.run)
-    if not (run / "vae").exists():      # a fine-tune (--init): it trained on the VAE and tokenizer its export holds
-        preset = from_model(args.model, preset)
+    identity = load_stage(run, "decoder", {"identity"}).get("identity") or {}
+    if identity.get("init"):            # a fine-tune: it trained on the VAE and tokenizer its export holds
+        preset = from_model(args.model, preset, identity["size"])
     pipe = Pipeline.from_pretrained(args.model)
     train_cache = torch.load(run / "decoder" / "cache.pt", weights_only=False)
     fresh_cache = build_cache(preset, run, "synthetic", args.fresh_seed, 2 * args.n, progress=False)
-    kinds = ("t2i", "t2i", "t2i", "edit")
+    # the training stream (data seed 0, within the cache the decoder trained on) and the fresh one
+    streams = {name: (make_source("synthetic", seed, preset.image_size, kinds=("t2i", "t2i", "t2i", "edit"),
+                                  **SCENE_KWARGS), limit)
+               for name, seed, limit in (("train", 0, len(train_cache["text"])), ("fresh", args.fresh_seed, None))}
     report = {"model": args.model, "run": str(run), "n": args.n, "cache_size": len(train_cache["text"]),
               "s_levels": list(S_LEVELS),
               "x0_error": {"train": x0_errors(pipe.dit, pipe.glyph, train_cache, args.n, preset.image_size),
                            "fresh": x0_errors(pipe.dit, pipe.glyph, fresh_cache, args.n, preset.image_size)},
-              "oracle": {name: oracle_scores(pipe, make_source("synthetic", seed, preset.image_size, kinds=kinds,
-                                                               **SCENE_KWARGS), args.n, args.steps, args.guidance,
-                                             limit)
-                         for name, seed, limit in (("train", 0, len(train_cache["text"])),
-                                                   ("fresh", args.fresh_seed, None))}}
+              "oracle": {name: oracle_scores(pipe, source, args.n, args.steps, args.guidance, limit)
+                         for name, (source, limit) in streams.items()}}
     if args.words:
-        report["words"] = {name: oracle_scores(pipe, make_source("synthetic", seed, preset.image_size, kinds=kinds,
-                                                                 **SCENE_KWARGS), args.words, args.steps,
-                                               args.guidance, limit, words=True)
-                           for name, seed, limit in (("train", 0, len(train_cache["text"])),
-                                                     ("fresh", args.fresh_seed, None))}
+        report["words"] = {name: oracle_scores(pipe, source, args.words, args.steps, args.guidance, limit, words=True)
+                           for name, (source, limit) in streams.items()}
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text)
