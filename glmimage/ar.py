@@ -369,6 +369,26 @@ def sample_token(logits: Tensor, u: Tensor, n_codes: int, temperature: float, to
     return idx.gather(1, j)[:, 0]
 
 
+def guide(logits: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance on the AR's logits. Rows [0, B) are the prompts, rows [B, 2B) the same prompts
+    without their text (the unconditional branch): (2B, ..., V) -> (2B, ..., V) float, both halves holding
+    uncond + scale * (cond - uncond), so that with the same uniforms both halves sample the same token and stay one
+    sequence each. scale 1: the logits unchanged (no unconditional rows)."""
+    if scale == 1:
+        return logits
+    cond, uncond = logits.float().chunk(2)                              # (B, ..., V) each
+    mix = uncond + scale * (cond - uncond)
+    return torch.cat([mix, mix])
+
+
+def check_ar_guidance(scale) -> float:
+    """User input: the AR's guidance scale, a number >= 0 (1 = off, the reference's sampling)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+        raise ValueError(f"ar_guidance must be a number >= 0 (1 = off; > 1 pushes the AR's tokens toward the "
+                         f"prompt's text), got {scale!r}")
+    return float(scale)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 
@@ -434,10 +454,10 @@ class StaticDecode:
     same shapes every call, so one call (or one graph replay) per token and no host sync."""
 
     def __init__(self, model: ARModel, req: Request, u: Tensor, out: Tensor, temperature: float,
-                 top_k: int | None, top_p: float | None):
+                 top_k: int | None, top_p: float | None, guidance: float = 1.0):
         B, L, dev = out.shape[0], req.cache.k[0].shape[2], out.device
         self.model, self.req, self.u, self.out = model, req, u, out
-        self.sampling = (temperature, top_k, top_p)
+        self.sampling, self.guidance = (temperature, top_k, top_p), guidance
         self.i = torch.zeros(1, dtype=torch.long, device=dev)           # (1,) index of the token being fed
         self.start = torch.tensor([req.prompt_len], device=dev)           # (1,) a tensor: no code per prompt length
         self.slots = torch.arange(L, device=dev)                          # (L,)
@@ -449,7 +469,7 @@ class StaticDecode:
         rope = (self.req.rope[0].index_select(1, t), self.req.rope[1].index_select(1, t))  # (B, 1, R) each
         mask = (self.valid & (self.slots <= t))[:, None, None, :]          # (B, 1, 1, L)
         h = self.model.decoder(token, None, mask, self.req.cache, rope=rope, write_at=t)  # (B, 1, dim)
-        logits = self.model.lm_head(h[:, -1])                             # (B, V)
+        logits = guide(self.model.lm_head(h[:, -1]), self.guidance)       # (B, V)
         u = self.u.index_select(1, self.i + 1)[:, 0]                      # (B,)
         nxt = sample_token(logits, u, self.model.cfg.boi_id, *self.sampling)
         self.out.index_copy_(1, self.i + 1, nxt[:, None])
@@ -471,8 +491,8 @@ class SpeculativeDecode(StaticDecode):
     tokens per row. out, u, draft and the cache hold k+1 slots of slack past the last token (written, never kept)."""
 
     def __init__(self, model: ARModel, req: Request, u: Tensor, out: Tensor, draft: Tensor, lag: Tensor, k: int,
-                 temperature: float, top_k: int | None, top_p: float | None):
-        super().__init__(model, req, u, out, temperature, top_k, top_p)
+                 temperature: float, top_k: int | None, top_p: float | None, guidance: float = 1.0):
+        super().__init__(model, req, u, out, temperature, top_k, top_p, guidance)
         self.draft, self.lag, self.k = draft, lag, k                      # (B, N + k+1), (N + k+1,), int
         self.i = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)  # (B,) per row
         self.offsets = torch.arange(k + 1, device=out.device)            # (k+1,)
@@ -489,7 +509,7 @@ class SpeculativeDecode(StaticDecode):
         rope = (self.req.rope[0].gather(1, idx), self.req.rope[1].gather(1, idx))  # (B, k+1, R) each
         mask = (self.valid[:, None, :] & (self.slots <= t[..., None]))[:, None]  # (B, 1, k+1, L)
         h = self.model.decoder(fed, None, mask, self.req.cache, rope=rope, write_at=t)  # (B, k+1, dim)
-        logits = self.model.lm_head(h)                                     # (B, k+1, V)
+        logits = guide(self.model.lm_head(h), self.guidance)              # (B, k+1, V)
         u = self.u.gather(1, fed_at + 1)                                   # (B, k+1)
         x = sample_token(logits.flatten(0, 1), u.flatten(), self.model.cfg.boi_id, *self.sampling)
         x = x.view(B, k + 1)                                               # samples of tokens i+1..i+k+1
@@ -598,7 +618,7 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
                    target_grids: list[tuple[int, int]], *, temperature: float = 0.9, top_k: int | None = 50,
                    top_p: float | None = 0.75, seed: int | list[int] | None = None,
                    attention_mask: Tensor | None = None, compile: bool = False, freeze: bool = True,
-                   cuda_graph: bool = False, speculate: int = 0,
+                   cuda_graph: bool = False, speculate: int = 0, guidance: float = 1.0,
                    on_grid: Callable[[int, Tensor], None] | None = None,
                    timings: dict | None = None) -> list[Tensor]:
     """Sample one (B, h, w) grid of VQ ids per target grid, in generation order (t2i: [preview, large]; i2i: [large]).
@@ -619,27 +639,35 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
     first grid of an edit by the last reference image (resized): the same tokens, fewer forwards when the draft is
     often right; in a batch each row advances by its own count. Each forward is one host sync (to know how far the
     slowest row got).
+    guidance != 1: classifier-free guidance on the logits (`guide`): rows [B/2, B) of input_ids are the
+    unconditional prompts of rows [0, B/2) (the same layout without the text); seeds, on_grid and the returned
+    grids are the first half's (B/2 rows), and each unconditional row decodes its own row's tokens.
     on_grid(k, grid (B, h, w)) runs as soon as target grid k is complete (t2i: the preview, before the large grid).
     timings, if a dict, gets ar_prefill, ar_decode (seconds), ar_new_tokens, ar_decode_tokens_per_s and
     ar_decode_forwards (one per token without speculate).
     """
     check_speculate(speculate)
     B, device = input_ids.shape[0], input_ids.device
+    guidance = check_ar_guidance(guidance)
+    n_out = B if guidance == 1 else B // 2                              # rows that are images
+    if guidance != 1 and B % 2:
+        raise ValueError(f"guidance needs B conditional rows then their B unconditional ones, got {B} rows")
     t0 = time.perf_counter()
     slack = speculate + 1 if speculate else 0                           # a finished row's forward writes past n
     req = Request(model, input_ids, ref_grids, target_grids, attention_mask, DECODE_BUCKET if compile else 1,
                   slack=slack)
     if isinstance(seed, (list, tuple)):
-        if len(seed) != B:
-            raise ValueError(f"seed: need one per prompt ({B}), got {len(seed)}")
+        if len(seed) != n_out:
+            raise ValueError(f"seed: need one per prompt ({n_out}), got {len(seed)}")
         u = torch.cat([torch.rand(1, req.n_new, generator=torch.Generator().manual_seed(s)) for s in seed])
     else:
-        u = torch.rand(B, req.n_new, generator=None if seed is None else torch.Generator().manual_seed(seed))
+        u = torch.rand(n_out, req.n_new, generator=None if seed is None else torch.Generator().manual_seed(seed))
+    u = u.repeat(B // n_out, 1)                                         # an unconditional row: its image's draws
     u = F.pad(u, (0, slack)).to(device)                                 # (B, N + slack), row b = sample b's draws
     out = torch.zeros(B, req.n_new + slack, dtype=torch.long, device=device)
     ends = [sum(h * w for h, w in target_grids[:k + 1]) for k in range(len(target_grids))]
     logits = prefill(model, req, input_ids)
-    out[:, 0] = sample_token(logits, u[:, 0], model.cfg.boi_id, temperature, top_k, top_p)
+    out[:, 0] = sample_token(guide(logits, guidance), u[:, 0], model.cfg.boi_id, temperature, top_k, top_p)
     if timings is not None:
         sync(device)
         t1 = time.perf_counter()
@@ -651,10 +679,10 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
         for g, (h, w) in enumerate(target_grids):                       # no other guess: the token above
             if g == 0 and not ref_grids and speculate <= w:
                 lag[ends[g] - h * w + w:ends[g]] = w
-        static = SpeculativeDecode(model, req, u, out, draft, lag.to(device), speculate, *sampling)
+        static = SpeculativeDecode(model, req, u, out, draft, lag.to(device), speculate, *sampling, guidance)
         step = compiled_step(static, freeze, "verify") if compile else static.verify
     elif compile or cuda_graph:
-        static = StaticDecode(model, req, u, out, *sampling)
+        static = StaticDecode(model, req, u, out, *sampling, guidance)
         step = compiled_step(static, freeze) if compile else static.step
     if cuda_graph and device.type == "cuda" and req.n_new > 1:
         # the warm-up run fed token 0 and wrote from token 1 on; rewind i (the replays rewrite the same slots)
@@ -679,12 +707,12 @@ def generate_prior(model: ARModel, input_ids: Tensor, ref_grids: list[tuple[int,
                 n += 1
             else:
                 logits = decode_step(model, req, out[:, n - 1], n - 1)
-                out[:, n] = sample_token(logits, u[:, n], model.cfg.boi_id, *sampling)
+                out[:, n] = sample_token(guide(logits, guidance), u[:, n], model.cfg.boi_id, *sampling)
                 n += 1
             forwards += 1
         if on_grid is not None:
-            on_grid(g, out[:, start:end].view(B, h, w))
-    grids = [out[:, e - h * w:e].view(B, h, w) for e, (h, w) in zip(ends, target_grids)]
+            on_grid(g, out[:n_out, start:end].view(n_out, h, w))
+    grids = [out[:n_out, e - h * w:e].view(n_out, h, w) for e, (h, w) in zip(ends, target_grids)]
     if timings is not None:
         sync(device)
         t2 = time.perf_counter()

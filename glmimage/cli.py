@@ -63,6 +63,10 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="guide only the denoising steps whose sigma lies in (LO, HI] (1 = noise, 0 = data), the "
                         "conditional branch alone elsewhere (default: the model's own; the official model 0 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ar-guidance", type=float, default=None, metavar="S",
+                   help="classifier-free guidance on the AR's tokens: logits of the prompt against the same layout "
+                        "with empty text, S > 1 pushes toward the prompt (default: the model's own; 1 = off, as the "
+                        "reference samples)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
@@ -96,7 +100,8 @@ def cmd_generate(args, images=None) -> None:
     out = pipe(prompt, height=height, width=width, image=refs, num_inference_steps=args.steps,
                guidance_scale=args.guidance, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
                top_k=args.top_k, step_cache=args.step_cache, speculate=args.speculate,
-               guidance_interval=args.guidance_interval, keep_unchanged=getattr(args, "keep_unchanged", None))
+               guidance_interval=args.guidance_interval, keep_unchanged=getattr(args, "keep_unchanged", None),
+               ar_guidance=args.ar_guidance)
     path = Path(args.output)
     paths = [path] if len(out) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(out))]
     for im, p in zip(out, paths):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from glmimage import loading
-from glmimage.ar import AR_KEY_PREFIXES, ARConfig, ARModel, check_speculate, cpu_compile, generate_prior, sync
+from glmimage.ar import (AR_KEY_PREFIXES, ARConfig, ARModel, check_ar_guidance, check_speculate, cpu_compile,
+                         generate_prior, sync)
 from glmimage.dit import CPU_COMPILE_OPTIONS as DIT_CPU_COMPILE_OPTIONS
 from glmimage.dit import DiT, DiTConfig, StepCache, adaln_key
 from glmimage.glyph import GlyphEncoder
@@ -227,6 +228,8 @@ class Pipeline:
         # the decoder's CFG: the reference's 1.5 at every step, unless the model records its own
         self.guidance_scale = float(ours.get("guidance_scale", 1.5))
         self.guidance_interval = check_guidance_interval(ours.get("guidance_interval", (0.0, 1.0)))
+        # the AR's classifier-free guidance (off in the reference: 1)
+        self.ar_guidance = check_ar_guidance(ours.get("ar_guidance", 1.0))
         # edits: keep the reference's latents where the AR left its tokens unchanged (off in the reference)
         self.keep_unchanged = ours.get("keep_unchanged", False)
         if not isinstance(self.keep_unchanged, bool):
@@ -435,11 +438,14 @@ class Pipeline:
                      top_p: float | None = None, top_k: int | None = None,
                      ref_ids: list[torch.Tensor] | None = None,
                      on_grid: Callable[[int, torch.Tensor], None] | None = None, speculate: int = 0,
-                     timings: dict | None = None) -> torch.Tensor:
+                     ar_guidance: float | None = None, timings: dict | None = None) -> torch.Tensor:
         """The AR's large grid: LongTensor [th, tw] for a str prompt, [B, th, tw] for a list of B prompts (one
         left-padded batch; row b is what prompt b gives alone with seed[b]). temperature=0 decodes greedily.
         speculate: k > 0 verifies k guessed tokens per AR forward (the preview upsampled for the large grid, the
         reference for an edit; ar.SpeculativeDecode): the same tokens (up to rounding), fewer forwards.
+        ar_guidance: classifier-free guidance on the AR's logits (ar.guide), the unconditional branch being the same
+        prompt with empty text (the same reference images for an edit), decoded in the same batch; 1 = off (the
+        reference's sampling); None takes the model's own (model_index.json's "glmimage" entry, else 1).
 
         on_grid(k, grid) is called as soon as generated grid k is complete (t2i: 0 = preview, 1 = large), with
         [h, w] for a str prompt and [B, h, w] for a list."""
@@ -447,22 +453,25 @@ class Pipeline:
         B = len(prompts)
         self.check_size(height, width)
         temperature, top_p, top_k = self._sampling(temperature, top_p, top_k)
+        ar_guidance = self.ar_guidance if ar_guidance is None else check_ar_guidance(ar_guidance)
         seeds = self._seeds(seed, B)
         images = self._as_images(image)
         if (images or ref_ids) and B > 1:
             raise ValueError("a list of prompts is for text-to-image; edit with one prompt at a time")
         if ref_ids is None:
             ref_ids = self.encode_references(images, timings) if images else []
+        texts = prompts + [""] * B if ar_guidance != 1 else prompts       # then each prompt's unconditional row
         if ref_ids:
-            reqs = [self.prompt_tokenizer.i2i(prompts[0], ref_ids, height, width)]
+            reqs = [self.prompt_tokenizer.i2i(t, ref_ids, height, width) for t in texts]
         else:
-            reqs = [self.prompt_tokenizer.t2i(p, height, width) for p in prompts]
-        input_ids, mask = collate(reqs, self.ar_cfg.pad_id)                          # left-padded (B, S)
+            reqs = [self.prompt_tokenizer.t2i(t, height, width) for t in texts]
+        input_ids, mask = collate(reqs, self.ar_cfg.pad_id)                          # left-padded (B or 2B, S)
         single = isinstance(prompt, str)
         with self._stage("ar", timings) as ar:
             grids = generate_prior(ar, input_ids.to(self.device), reqs[0].ref_grids, reqs[0].target_grids,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds,
-                                   attention_mask=mask.to(self.device) if B > 1 else None,
+                                   guidance=ar_guidance,
+                                   attention_mask=mask.to(self.device) if len(reqs) > 1 else None,
                                    compile=self.compiled, freeze=not self.offload, timings=timings,
                                    cuda_graph=self.cuda_graph and self.device.type == "cuda",
                                    speculate=speculate, on_grid=None if on_grid is None else
@@ -479,7 +488,8 @@ class Pipeline:
                  callback: Callable[[int, torch.Tensor], None] | None = None,
                  on_preview: Callable[[Image.Image], None] | None = None, preview_steps: int = 4,
                  step_cache: float = 0.0, speculate: int = 0, guidance_interval: tuple[float, float] | None = None,
-                 keep_unchanged: bool | None = None, timings: dict | None = None) -> list[Image.Image]:
+                 keep_unchanged: bool | None = None, ar_guidance: float | None = None,
+                 timings: dict | None = None) -> list[Image.Image]:
         """prompt (+ reference images for edits) -> images. height/width default to the model's native size.
 
         A list of prompts runs as one batch through every stage (text-to-image) and returns one image per
@@ -493,7 +503,8 @@ class Pipeline:
         written it, before the large grid exists (once per image, in order).
         step_cache > 0 skips the DiT's blocks after the first at steps whose first-block output has moved less than
         that (relative) since the last full step (dit.StepCache; e.g. 0.1; 0 = off, exact). speculate: k > 0
-        decodes the AR speculatively, k guessed tokens verified per forward (see prior_tokens).
+        decodes the AR speculatively, k guessed tokens verified per forward (see prior_tokens). ar_guidance:
+        classifier-free guidance on the AR's tokens (see prior_tokens; None: the model's own, 1 = off).
         keep_unchanged (edits with one reference image at the output's size): where the AR wrote the reference's
         own tokens, its VAE latents are kept (held on their noisy path at every step, so the rest is drawn around
         them) and only the changed tokens, one token around them, are generated; an image with more than half
@@ -506,6 +517,8 @@ class Pipeline:
         StepCache(step_cache)                           # a bad threshold fails here, before any work
         guidance_interval = self._guidance_interval(guidance_interval)   # so does a bad interval
         check_speculate(speculate)                      # so does a bad speculate
+        if ar_guidance is not None:
+            check_ar_guidance(ar_guidance)              # and a bad AR guidance
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         th, tw = self.check_size(height, width)
@@ -528,6 +541,7 @@ class Pipeline:
                             on_preview(im)
             grid = self.prior_tokens(prompts, height, width, seed=seeds, temperature=temperature, top_p=top_p,
                                      top_k=top_k, ref_ids=ref_ids, on_grid=on_grid, speculate=speculate,
+                                     ar_guidance=ar_guidance,
                                      timings=timings)
         else:
             grid = prior_token_ids if prior_token_ids.dim() == 3 else prior_token_ids[None]

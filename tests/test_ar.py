@@ -6,6 +6,7 @@ nearly uniform, and wrong positions or a wrong rotary layout would hardly move t
 """
 from __future__ import annotations
 
+import copy
 import json
 import threading
 
@@ -417,6 +418,54 @@ def test_greedy_deterministic_and_seeded_sampling_reproducible(ar):
     s3 = generate_prior(ar, prompt, refs, targets, temperature=1.0, top_k=None, top_p=None, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(s1, s2))
     assert not all(torch.equal(x, y) for x, y in zip(s1, s3))
+
+
+def _guided_naive(ar, cond, uncond, refs, targets, scale, u, sampling):
+    """The AR's classifier-free guidance, spelt out: each token from uncond + scale (cond - uncond), the next-token
+    logits of the prompt and of its empty-text twin, each from a full forward over its own sequence so far (no
+    cache, no padding, no batch); both sequences then take that token."""
+    n = sum(h * w for h, w in targets)
+    seqs, toks = [cond, uncond], []
+    pos = [build_positions(ar.cfg, x, None, refs, targets) for x in seqs]     # (3, 1, S + n) each
+    with torch.no_grad():
+        for i in range(n):
+            c, un = (ar(torch.cat([x, torch.tensor([toks], dtype=torch.long)], 1), p[:, :, :x.shape[1] + i])[:, -1]
+                     .float() for x, p in zip(seqs, pos))
+            toks.append(int(sample_token(un + scale * (c - un), u[:, i], ar.cfg.boi_id, *sampling.values())))
+    return torch.tensor(toks)
+
+
+@pytest.mark.parametrize("kind", ["t2i", "i2i"])
+def test_ar_guidance_samples_the_guided_logits(ar, ptok, kind):
+    """generate_prior(guidance=s) on a left-padded batch [prompt, empty-text twin] gives, through the cache, the
+    naive loop's tokens (eager, the static step a CUDA graph captures, and speculative decoding); s = 1 is plain
+    sampling of the prompt and s = 0 plain sampling of the twin."""
+    ar64 = copy.deepcopy(ar).double()          # near-ties: cached and full forwards round alike in float64
+    if kind == "t2i":
+        prompts = [ptok.t2i("a red circle at the top", 64, 96), ptok.t2i("", 64, 96)]
+    else:
+        ref = torch.randint(0, ar.cfg.boi_id, (2, 2), generator=torch.Generator().manual_seed(1))
+        prompts = [ptok.i2i("make the circle blue", [ref], 64, 64), ptok.i2i("", [ref], 64, 64)]
+    refs, targets = prompts[0].ref_grids, prompts[0].target_grids
+    ids, mask = collate(prompts, ar.cfg.pad_id)
+    sampling = dict(temperature=0.9, top_k=50, top_p=0.9)
+    u = torch.rand(1, sum(h * w for h, w in targets), generator=torch.Generator().manual_seed(4))
+    naive = _guided_naive(ar64, prompts[0].input_ids, prompts[1].input_ids, refs, targets, 2.5, u, sampling)
+    for kw in (dict(), dict(cuda_graph=True), dict(speculate=3)):
+        grids = generate_prior(ar64, ids, refs, targets, guidance=2.5, seed=4, attention_mask=mask, **sampling, **kw)
+        assert [g.shape[0] for g in grids] == [1] * len(targets)        # the images' rows only
+        assert torch.equal(torch.cat([g.flatten() for g in grids]), naive)
+    for scale, alone in ((1.0, 0), (0.0, 1)):
+        plain = generate_prior(ar64, prompts[alone].input_ids, refs, targets, seed=4, **sampling)
+        if scale == 1:
+            guided = generate_prior(ar64, prompts[0].input_ids, refs, targets, guidance=1, seed=4, **sampling)
+        else:
+            guided = generate_prior(ar64, ids, refs, targets, guidance=scale, seed=4, attention_mask=mask, **sampling)
+        assert all(torch.equal(x, y) for x, y in zip(plain, guided))
+    with pytest.raises(ValueError, match="ar_guidance"):
+        generate_prior(ar64, ids, refs, targets, guidance=-1.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        generate_prior(ar64, prompts[0].input_ids, refs, targets, guidance=2.0)
 
 
 def test_full_grids_even_when_model_prefers_end(ar):

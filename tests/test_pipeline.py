@@ -211,6 +211,46 @@ def test_keep_unchanged_refusals_and_model_default(pipe, debug_ckpt, tmp_path):
         Pipeline.from_pretrained(model)
 
 
+def test_ar_guidance_wiring_model_default_and_refusals(pipe, debug_ckpt, tmp_path):
+    """ar_guidance reaches the AR with each prompt's empty-text twin: scale 0 samples the twin alone (t2i, a batch,
+    an edit with its reference); the model's own scale (model_index.json) applies when none is given, and from the
+    CLI; bad scales are refused before any work."""
+    import json
+    import shutil
+    run = dict(height=64, width=96, seed=3, temperature=1.0)
+    assert pipe.ar_guidance == 1.0
+    assert torch.equal(pipe.prior_tokens(PROMPT, ar_guidance=0, **run), pipe.prior_tokens("", **run))
+    pair = pipe.prior_tokens([PROMPT, "a blue square"], ar_guidance=2.0, **{**run, "seed": [3, 4]})
+    assert torch.equal(pair[1], pipe.prior_tokens("a blue square", ar_guidance=2.0, **{**run, "seed": 4}))
+    img = Image.new("RGB", (64, 64), (200, 30, 30))
+    edit = dict(run, width=64, image=img)
+    assert torch.equal(pipe.prior_tokens("make it blue", ar_guidance=0, **edit), pipe.prior_tokens("", **edit))
+    model = tmp_path / "model"
+    shutil.copytree(debug_ckpt, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["glmimage"] = {**index.get("glmimage", {}), "ar_guidance": 3.0}
+    (model / "model_index.json").write_text(json.dumps(index))
+    ours = Pipeline.from_pretrained(model)
+    guided = pipe.prior_tokens(PROMPT, ar_guidance=3.0, **run)
+    assert torch.equal(ours.prior_tokens(PROMPT, **run), guided)
+    assert not torch.equal(guided, pipe.prior_tokens(PROMPT, **run))
+    assert torch.equal(ours.prior_tokens(PROMPT, ar_guidance=1, **run), pipe.prior_tokens(PROMPT, **run))
+    from glmimage.cli import main
+    out = tmp_path / "x.png"
+    timings: dict = {}
+    main(["generate", PROMPT, "--model", str(debug_ckpt), "--height", "64", "--width", "96", "--steps", "1",
+          "--seed", "3", "--temperature", "1", "--ar-guidance", "3", "-o", str(out)])
+    a = pipe(PROMPT, num_inference_steps=1, ar_guidance=3.0, timings=timings, **run)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(a)) and timings["grid"] == guided.tolist()
+    for bad in (-1.0, "2", float("nan")):
+        with pytest.raises(ValueError, match="ar_guidance"):
+            pipe(PROMPT, num_inference_steps=1, ar_guidance=bad, **run)
+    index["glmimage"]["ar_guidance"] = -2
+    (model / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="ar_guidance"):
+        Pipeline.from_pretrained(model)
+
+
 def test_greedy_prior_is_deterministic_and_full(pipe):
     g1 = pipe.prior_tokens(PROMPT, height=64, width=96, temperature=0, seed=1)
     g2 = pipe.prior_tokens(PROMPT, height=64, width=96, temperature=0, seed=2)

@@ -36,7 +36,7 @@ SAMPLE_PROMPTS = [
 def load(model: str | None, steps: int, guidance: float | None, oracle_tokens: bool = False,
          vae_roundtrip: bool = False, step_cache: float = 0.0, int8: str | None = None,
          temperature: float | None = None, guidance_interval: tuple[float, float] | None = None,
-         keep_unchanged: bool | None = None):
+         keep_unchanged: bool | None = None, ar_guidance: float | None = None):
     from glmimage.eval_scenes import ground_truth_generate_fn
     from glmimage.pipeline import Pipeline
     from glmimage.vae import pil_to_pixels, pixels_to_pil
@@ -50,7 +50,8 @@ def load(model: str | None, steps: int, guidance: float | None, oracle_tokens: b
 
     settings = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                     guidance_interval=guidance_interval,
-                    step_cache=step_cache, temperature=temperature)      # the same for prompts and edits
+                    step_cache=step_cache, temperature=temperature,
+                    ar_guidance=ar_guidance)                              # the same for prompts and edits
 
     def generate(prompt: str, seed: int) -> Image.Image:
         if vae_roundtrip:
@@ -90,6 +91,8 @@ def main(argv=None) -> None:
                     help="guide only the steps whose sigma lies in (LO, HI] (default: the model's own; else 0 1)")
     ap.add_argument("--temperature", type=float, default=None,
                     help="the AR's sampling temperature (default: the model's generation_config.json; 0 = greedy)")
+    ap.add_argument("--ar-guidance", type=float, default=None,
+                    help="the AR's classifier-free guidance scale (default: the model's own; else 1 = off)")
     ap.add_argument("--keep-unchanged", action=argparse.BooleanOptionalAction, default=None,
                     help="edits keep the source's latents where the AR left its tokens unchanged (default: the "
                          "model's own)")
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
     from glmimage.eval_scenes import evaluate
     pipe, generate, edit, size = load(args.model, args.steps, args.guidance, args.oracle_tokens, args.vae_roundtrip,
                                       args.step_cache, args.int8, args.temperature, args.guidance_interval,
-                                      args.keep_unchanged)
+                                      args.keep_unchanged, args.ar_guidance)
     t = time.perf_counter()
     generate(SAMPLE_PROMPTS[0], 0)
     print(f"one {size}x{size} t2i generation ({args.steps} steps): {time.perf_counter() - t:.2f} s")
