@@ -596,6 +596,47 @@ def test_edit_share(runs, tmp_path, monkeypatch, capsys):
     assert "--edit-share applies to the ar stage" in capsys.readouterr().err
 
 
+def test_text_dropout(runs, tmp_path, monkeypatch, capsys):
+    """--text-dropout P: a share P of the AR's training examples is seen with empty text (a caption, or an edit's
+    instruction), chosen by example index and seed, so a stopped and resumed run drops the same ones and logs the
+    same losses; held-out examples keep their text; a resume with another share and a bad share are refused."""
+    from glmimage.train.__main__ import main
+    picks = [ar.text_dropped(0, i, 0.25) for i in range(4000)]
+    assert abs(sum(picks) / 4000 - 0.25) < 0.03 and picks == [ar.text_dropped(0, i, 0.25) for i in range(4000)]
+    assert picks != [ar.text_dropped(1, i, 0.25) for i in range(4000)] and not any(
+        ar.text_dropped(0, i, 0.0) for i in range(100))
+    assert ar.without_text({"kind": "edit", "instruction": "make it blue", "x": 1}) == {
+        "kind": "edit", "instruction": "", "x": 1}
+    full, _ = runs
+    texts = []
+    sequence = ar.sequence
+    monkeypatch.setattr(ar, "sequence", lambda cfg, pt, e, *a: texts.append(
+        e["caption" if e["kind"] == "t2i" else "instruction"]) or sequence(cfg, pt, e, *a))
+    B = get_preset("debug").stages["ar"].batch
+    logs = []
+    for part, kw in (("whole", dict(steps=4)), ("parts", dict(steps=4, stop_at=2)),
+                     ("parts", dict(steps=4, resume=True))):
+        shutil.copytree(full / "tokenizer", tmp_path / part / "tokenizer", dirs_exist_ok=True)
+        texts.clear()
+        logs.append(ar.train(get_preset("debug"), tmp_path / part, progress=False, text_dropout=0.5, val=B,
+                             val_every=2, **kw))
+        if part == "whole":
+            first = list(texts)
+    n = 4 * B                                        # training examples; the rest of `first` are held-out ones
+    assert sum(t == "" for t in first) == sum(ar.text_dropped(0, i, 0.5) for i in range(n)) > 0   # held-out: kept
+    whole, resumed = logs[0], logs[2]                # a resume returns the run's whole log
+    assert len(whole) == 4 and [r["loss"] for r in whole] == [r["loss"] for r in resumed]
+    assert load_stage(tmp_path / "whole", "ar")["identity"] == {"text_dropout": 0.5}
+    with pytest.raises(ValueError, match="text_dropout"):
+        ar.train(get_preset("debug"), tmp_path / "whole", steps=5, resume=True, progress=False)
+    with pytest.raises(ValueError, match="--text-dropout is the share"):
+        ar.train(get_preset("debug"), tmp_path / "bad", steps=1, progress=False, text_dropout=1.0)
+    with pytest.raises(SystemExit):
+        main(["train", "decoder", "--preset", "debug", "--out", str(tmp_path), "--steps", "1",
+              "--text-dropout", "0.1"])
+    assert "--text-dropout applies to the ar stage" in capsys.readouterr().err
+
+
 def test_ema_resumes_exactly_and_is_what_later_stages_use(runs, tmp_path):
     """--ema: the moving average is checkpointed (a stopped and resumed run ends with the same average as an
     uninterrupted one), differs from the trained weights, and is what export and later stages load."""

@@ -90,6 +90,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "(default 4; 0: read in the step)")
     p.add_argument("--edit-share", type=float, default=None, metavar="F",
                    help="ar on synthetic data: the share of examples that are edits (default 1/3; e.g. 0.5)")
+    p.add_argument("--text-dropout", type=float, default=None, metavar="P",
+                   help="ar: the share of examples trained with empty text (caption or instruction), so that the "
+                        "model can be sampled with classifier-free guidance (--ar-guidance; default 0)")
     p.add_argument("--timesteps", default=None, choices=["uniform", "logit-normal"],
                    help="decoder: how training draws schedule positions: uniform (the default) or logit-normal "
                         "(SD3's: most mid-schedule)")
@@ -197,6 +200,10 @@ def run_train(args) -> None:
         if args.stage != "ar":
             raise ValueError(f"--edit-share applies to the ar stage, not {args.stage}")
         kwargs["edit_share"] = args.edit_share
+    if args.text_dropout is not None:
+        if args.stage != "ar":
+            raise ValueError(f"--text-dropout applies to the ar stage, not {args.stage}")
+        kwargs["text_dropout"] = args.text_dropout
     if args.timesteps is not None:
         if args.stage != "decoder":
             raise ValueError(f"--timesteps applies to the decoder stage, not {args.stage}")

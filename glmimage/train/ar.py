@@ -9,12 +9,17 @@ Positions come from ar.sample_positions, the function generation uses, so traini
 The loss covers the generated grid tokens only (the lm_head spans the vision vocabulary); preview tokens weigh
 PREVIEW_WEIGHT x. Sequences are right-padded: causal attention never lets a real token see a pad.
 
+With --text-dropout P an example's caption (an edit's instruction) is emptied with probability P, decided by the
+example's index and the seed (so a resume drops the same ones): the AR also learns the empty-text prompt that
+classifier-free guidance on its logits (ar.guide, `--ar-guidance`) uses as its unconditional branch.
+
 The caption tokenizer is byte-level BPE trained here on the synthetic captions and instructions
 (random_checkpoint.build_text_tokenizer: ids 0..vision_vocab-1 stay `<|dit_token_i|>`, then text, then the four
 text specials), so any text still tokenizes.
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +55,16 @@ def edit_kinds(share: float | None) -> tuple[str, ...]:
         raise ValueError(f"--edit-share is a fraction of the examples in [0, 1] with a denominator up to 12 "
                          f"(e.g. 0.5, 0.25, 0.4), got {share}")
     return ("edit",) * f.numerator + ("t2i",) * (f.denominator - f.numerator)
+
+
+def text_dropped(seed: int, index: int, p: float) -> bool:
+    """Whether training example `index` has its text emptied (--text-dropout p): the same answer on every run."""
+    return p > 0 and random.Random(f"text-dropout/{seed}/{index}").random() < p
+
+
+def without_text(example: dict) -> dict:
+    """The example with its caption (t2i) or instruction (edit) emptied: the unconditional prompt's layout."""
+    return {**example, "caption" if example["kind"] == "t2i" else "instruction": ""}
 
 
 def train_text_tokenizer(preset: TrainPreset, seed: int):
@@ -226,7 +241,7 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
           recompute: bool = False, compile: bool = False, buckets: float | None = None, val: int = 0,
           val_data: str | None = None, val_every: int | None = None, workers: int = 4, samples: int = 0,
           sample_every: int | None = None, sample_model: str | None = None,
-          edit_share: float | None = None) -> list[dict]:
+          edit_share: float | None = None, text_dropout: float = 0.0) -> list[dict]:
     """object_weight: loss weight of object/text tokens relative to background ones (default OBJECT_WEIGHT on
     synthetic data, 1 on real data; the shipped model: 1.0 for the first 1000 steps, then 4.0 on --resume; see the
     model card). lora: train rank-`lora` adapters on the decoder layers of a frozen AR (fine-tuning, preset.init).
@@ -238,7 +253,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
     read in the step). samples: every sample_every steps (default: the checkpoint interval) the AR writes the
     grids of that many held-out (else training) captions, decoded by sample_model's decoder (default: the --init
     model) into DIR/ar/samples/ (sample_grids). edit_share: the share of synthetic examples that are edits
-    (edit_kinds; default one in three)."""
+    (edit_kinds; default one in three). text_dropout: the share of training examples whose text is emptied
+    (text_dropped), so that the AR can be sampled with classifier-free guidance (0: none, as the shipped model)."""
     rt = rt or Runtime()
     object_weight = check_object_weight(preset, data, object_weight, OBJECT_WEIGHT)
     identity = finetune_identity(preset, lora, buckets)
@@ -247,6 +263,11 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         if not has_synthetic(data):
             raise ValueError("--edit-share mixes synthetic edit examples in: it needs synthetic data in --data")
         identity = {**identity, "edit_share": edit_share}
+    if not 0 <= text_dropout < 1:
+        raise ValueError(f"--text-dropout is the share of examples trained with empty text, in [0, 1), got "
+                         f"{text_dropout}")
+    if text_dropout:
+        identity = {**identity, "text_dropout": text_dropout}
     sizes = bucket_sizes(preset.image_size, preset.ar_token_px, buckets)
     cfg = preset.stages["ar"]
     steps = steps or cfg.steps
@@ -279,13 +300,15 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
         validation = Validation(n_val // cfg.batch, val_every or cfg.ckpt_every,
                                 lambda b: batch_loss(held, range(b * cfg.batch, (b + 1) * cfg.batch)))
 
-    def batch_loss(source: Tokenized, indices: range, ahead: range | None = None):
+    def batch_loss(source: Tokenized, indices: range, ahead: range | None = None, dropout: float = 0.0):
         """This process's rows of the examples `indices` of `source`: (loss, weight, metrics). ahead: the next
-        batch's indices, read while this one runs."""
-        pairs = source.get(indices[rt.rows(cfg.batch)])
+        batch's indices, read while this one runs. dropout: the text dropout (training examples only)."""
+        rows = indices[rt.rows(cfg.batch)]
+        pairs = source.get(rows)
         if ahead is not None:
             source.ahead(ahead[rt.rows(cfg.batch)])
-        items = [sequence(model.cfg, pt, e, grids, code_weights) for e, grids in pairs]
+        items = [sequence(model.cfg, pt, without_text(e) if text_dropped(seed, i, dropout) else e, grids,
+                          code_weights) for i, (e, grids) in zip(rows, pairs)]
         ids, pos, targets, weights = (t.to(rt.device) for t in collate(items, pt.pad_id))
         loss, metrics = ar_loss(model, ids, pos, targets, weights)
         return loss, weights.sum(), metrics
@@ -312,7 +335,8 @@ def train(preset: TrainPreset, out: Path, data: str = "synthetic", steps: int | 
 
     def step_fn(step: int, gen: torch.Generator):
         B = cfg.batch
-        return batch_loss(source, range(step * B, (step + 1) * B), ahead=range((step + 1) * B, (step + 2) * B))
+        return batch_loss(source, range(step * B, (step + 1) * B), ahead=range((step + 1) * B, (step + 2) * B),
+                          dropout=text_dropout)
 
     return train_loop("ar", out, models, trainable, step_fn, cfg, seed, steps, resume,
                       extra=lambda: {"text_tokenizer": tok.to_str()}, plot_keys=["loss", "ce", "val_loss"],
