@@ -16,6 +16,7 @@ N generated tokens, D head dim, H query heads, K kv heads, R rotary dims, V visi
 """
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from dataclasses import dataclass, field, replace
@@ -383,7 +384,7 @@ def guide(logits: Tensor, scale: float) -> Tensor:
 
 def check_ar_guidance(scale) -> float:
     """User input: the AR's guidance scale, a number >= 0 (1 = off, the reference's sampling)."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
         raise ValueError(f"ar_guidance must be a number >= 0 (1 = off; > 1 pushes the AR's tokens toward the "
                          f"prompt's text), got {scale!r}")
     return float(scale)

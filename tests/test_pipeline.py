@@ -242,7 +242,7 @@ def test_ar_guidance_wiring_model_default_and_refusals(pipe, debug_ckpt, tmp_pat
           "--seed", "3", "--temperature", "1", "--ar-guidance", "3", "-o", str(out)])
     a = pipe(PROMPT, num_inference_steps=1, ar_guidance=3.0, timings=timings, **run)[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(a)) and timings["grid"] == guided.tolist()
-    for bad in (-1.0, "2", float("nan")):
+    for bad in (-1.0, "2", float("nan"), float("inf")):
         with pytest.raises(ValueError, match="ar_guidance"):
             pipe(PROMPT, num_inference_steps=1, ar_guidance=bad, **run)
     index["glmimage"]["ar_guidance"] = -2

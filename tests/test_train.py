@@ -571,6 +571,25 @@ def test_export_onto_a_base_model(runs, tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+def test_export_records_the_ar_guidance(runs, tmp_path):
+    """export --ar-guidance S writes S as the model's AR guidance default (a fresh export and one onto a base model);
+    a bad S is refused before anything is written."""
+    from glmimage.pipeline import Pipeline
+    from glmimage.train.__main__ import main
+    from glmimage.train.export import export
+    full, _ = runs
+    base = export(full, tmp_path / "base", preset="debug")
+    assert Pipeline.from_pretrained(base).ar_guidance == 1.0
+    main(["export", "--out", str(full), "--to", str(tmp_path / "guided"), "--preset", "debug", "--ar-guidance", "2"])
+    assert Pipeline.from_pretrained(tmp_path / "guided").ar_guidance == 2.0
+    onto = export(full, tmp_path / "onto", preset="debug", base=tmp_path / "guided", ar_guidance=1.5)
+    index = json.loads((onto / "model_index.json").read_text())["glmimage"]
+    assert index["ar_guidance"] == 1.5 and index["native_size"] == 64
+    with pytest.raises(ValueError, match="ar_guidance"):
+        export(full, tmp_path / "bad", preset="debug", ar_guidance=-1)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_edit_share(runs, tmp_path, monkeypatch, capsys):
     """--edit-share F: the AR's synthetic examples are edits with probability F (SceneStream draws a kind per example
     from the tuple); the default is one in three; a resume with another share is refused."""

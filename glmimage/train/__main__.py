@@ -129,6 +129,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, metavar="MODEL",
                    help="write a copy of MODEL with the ar and/or decoder stage of this run in place of its own "
                         "(the run trained them on MODEL's image tokenizer, checked)")
+    p.add_argument("--ar-guidance", type=float, default=None, metavar="S",
+                   help="record S as the model's AR guidance default (model_index.json; an AR trained with "
+                        "--text-dropout)")
 
 
 def run_train(args) -> None:
@@ -232,7 +235,8 @@ def run_train(args) -> None:
 
 def run_export(args) -> None:
     from glmimage.train.export import export
-    path = export(Path(args.out), Path(args.to), preset=args.preset, dtype=args.dtype, base=args.base)
+    path = export(Path(args.out), Path(args.to), preset=args.preset, dtype=args.dtype, base=args.base,
+                  ar_guidance=args.ar_guidance)
     print(f"wrote {path}")
 
 

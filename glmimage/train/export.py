@@ -107,7 +107,23 @@ def load_models(preset: TrainPreset, run_dir: Path) -> dict:
                 vq=tokenizer.load_tokenizer(preset, run_dir), ar=model, text_tokenizer=tok, dit=dit, glyph=glyph)
 
 
-def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto", base: Path | None = None) -> Path:
+def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto", base: Path | None = None,
+           ar_guidance: float | None = None) -> Path:
+    """The run's model in the official layout at `to` (see the module docstring). ar_guidance: recorded in
+    model_index.json's "glmimage" entry as the model's AR guidance default (pipeline.ar_guidance; None: left as the
+    base model has it, else off)."""
+    from glmimage.ar import check_ar_guidance
+    if ar_guidance is not None:
+        check_ar_guidance(ar_guidance)                  # before anything is written
+    to = export_files(run_dir, to, preset, dtype, base)
+    if ar_guidance is not None:
+        index = json.loads((to / "model_index.json").read_text())
+        index["glmimage"] = {**index.get("glmimage", {}), "ar_guidance": float(ar_guidance)}
+        (to / "model_index.json").write_text(json.dumps(index, indent=2))
+    return to
+
+
+def export_files(run_dir: Path, to: Path, preset: str, dtype: str, base: Path | None) -> Path:
     if base is not None:
         return export_onto(Path(run_dir), Path(to), Path(base), get_preset(preset), dtype)
     identities = {}
