@@ -228,8 +228,9 @@ class Pipeline:
         # the decoder's CFG: the reference's 1.5 at every step, unless the model records its own
         self.guidance_scale = float(ours.get("guidance_scale", 1.5))
         self.guidance_interval = check_guidance_interval(ours.get("guidance_interval", (0.0, 1.0)))
-        # the AR's classifier-free guidance (off in the reference: 1)
+        # the AR's classifier-free guidance (off in the reference: 1), for text-to-image and for edits
         self.ar_guidance = check_ar_guidance(ours.get("ar_guidance", 1.0))
+        self.ar_guidance_edit = check_ar_guidance(ours.get("ar_guidance_edit", self.ar_guidance))
         # edits: keep the reference's latents where the AR left its tokens unchanged (off in the reference)
         self.keep_unchanged = ours.get("keep_unchanged", False)
         if not isinstance(self.keep_unchanged, bool):
@@ -445,7 +446,8 @@ class Pipeline:
         reference for an edit; ar.SpeculativeDecode): the same tokens (up to rounding), fewer forwards.
         ar_guidance: classifier-free guidance on the AR's logits (ar.guide), the unconditional branch being the same
         prompt with empty text (the same reference images for an edit), decoded in the same batch; 1 = off (the
-        reference's sampling); None takes the model's own (model_index.json's "glmimage" entry, else 1).
+        reference's sampling); None takes the model's own (model_index.json's "glmimage" entry: "ar_guidance", and
+        for edits "ar_guidance_edit", which defaults to it; else 1).
 
         on_grid(k, grid) is called as soon as generated grid k is complete (t2i: 0 = preview, 1 = large), with
         [h, w] for a str prompt and [B, h, w] for a list."""
@@ -453,11 +455,13 @@ class Pipeline:
         B = len(prompts)
         self.check_size(height, width)
         temperature, top_p, top_k = self._sampling(temperature, top_p, top_k)
-        ar_guidance = self.ar_guidance if ar_guidance is None else check_ar_guidance(ar_guidance)
         seeds = self._seeds(seed, B)
         images = self._as_images(image)
         if (images or ref_ids) and B > 1:
             raise ValueError("a list of prompts is for text-to-image; edit with one prompt at a time")
+        if ar_guidance is None:
+            ar_guidance = self.ar_guidance_edit if (images or ref_ids) else self.ar_guidance
+        ar_guidance = check_ar_guidance(ar_guidance)
         if ref_ids is None:
             ref_ids = self.encode_references(images, timings) if images else []
         texts = prompts + [""] * B if ar_guidance != 1 else prompts       # then each prompt's unconditional row

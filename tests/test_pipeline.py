@@ -213,8 +213,8 @@ def test_keep_unchanged_refusals_and_model_default(pipe, debug_ckpt, tmp_path):
 
 def test_ar_guidance_wiring_model_default_and_refusals(pipe, debug_ckpt, tmp_path):
     """ar_guidance reaches the AR with each prompt's empty-text twin: scale 0 samples the twin alone (t2i, a batch,
-    an edit with its reference); the model's own scale (model_index.json) applies when none is given, and from the
-    CLI; bad scales are refused before any work."""
+    an edit with its reference); the model's own scales (model_index.json: text-to-image, and edits apart) apply
+    when none is given, and from the CLI; bad scales are refused before any work."""
     import json
     import shutil
     run = dict(height=64, width=96, seed=3, temperature=1.0)
@@ -231,8 +231,15 @@ def test_ar_guidance_wiring_model_default_and_refusals(pipe, debug_ckpt, tmp_pat
     index["glmimage"] = {**index.get("glmimage", {}), "ar_guidance": 3.0}
     (model / "model_index.json").write_text(json.dumps(index))
     ours = Pipeline.from_pretrained(model)
+    assert ours.ar_guidance_edit == 3.0                                   # edits follow unless set apart
     guided = pipe.prior_tokens(PROMPT, ar_guidance=3.0, **run)
     assert torch.equal(ours.prior_tokens(PROMPT, **run), guided)
+    index["glmimage"]["ar_guidance_edit"] = 0.0
+    (model / "model_index.json").write_text(json.dumps(index))
+    ours = Pipeline.from_pretrained(model)                              # t2i at 3, edits at 0 (the twin alone)
+    assert torch.equal(ours.prior_tokens("make it blue", **edit), pipe.prior_tokens("", **edit))
+    assert torch.equal(ours.prior_tokens("make it blue", ar_guidance=3.0, **edit),
+                       pipe.prior_tokens("make it blue", ar_guidance=3.0, **edit))
     assert not torch.equal(guided, pipe.prior_tokens(PROMPT, **run))
     assert torch.equal(ours.prior_tokens(PROMPT, ar_guidance=1, **run), pipe.prior_tokens(PROMPT, **run))
     from glmimage.cli import main
@@ -245,10 +252,10 @@ def test_ar_guidance_wiring_model_default_and_refusals(pipe, debug_ckpt, tmp_pat
     for bad in (-1.0, "2", float("nan"), float("inf")):
         with pytest.raises(ValueError, match="ar_guidance"):
             pipe(PROMPT, num_inference_steps=1, ar_guidance=bad, **run)
-    index["glmimage"]["ar_guidance"] = -2
-    (model / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="ar_guidance"):
-        Pipeline.from_pretrained(model)
+    for key in ("ar_guidance", "ar_guidance_edit"):
+        (model / "model_index.json").write_text(json.dumps({**index, "glmimage": {**index["glmimage"], key: -2}}))
+        with pytest.raises(ValueError, match="ar_guidance"):
+            Pipeline.from_pretrained(model)
 
 
 def test_greedy_prior_is_deterministic_and_full(pipe):

@@ -572,8 +572,8 @@ def test_export_onto_a_base_model(runs, tmp_path):
 
 
 def test_export_records_the_ar_guidance(runs, tmp_path):
-    """export --ar-guidance S writes S as the model's AR guidance default (a fresh export and one onto a base model);
-    a bad S is refused before anything is written."""
+    """export --ar-guidance S (--ar-guidance-edit S for edits) writes the model's AR guidance defaults (a fresh
+    export and one onto a base model); a bad S is refused before anything is written."""
     from glmimage.pipeline import Pipeline
     from glmimage.train.__main__ import main
     from glmimage.train.export import export
@@ -582,11 +582,13 @@ def test_export_records_the_ar_guidance(runs, tmp_path):
     assert Pipeline.from_pretrained(base).ar_guidance == 1.0
     main(["export", "--out", str(full), "--to", str(tmp_path / "guided"), "--preset", "debug", "--ar-guidance", "2"])
     assert Pipeline.from_pretrained(tmp_path / "guided").ar_guidance == 2.0
-    onto = export(full, tmp_path / "onto", preset="debug", base=tmp_path / "guided", ar_guidance=1.5)
+    onto = export(full, tmp_path / "onto", preset="debug", base=tmp_path / "guided", ar_guidance=1.5,
+                  ar_guidance_edit=1.0)
     index = json.loads((onto / "model_index.json").read_text())["glmimage"]
-    assert index["ar_guidance"] == 1.5 and index["native_size"] == 64
+    assert (index["ar_guidance"], index["ar_guidance_edit"], index["native_size"]) == (1.5, 1.0, 64)
+    assert Pipeline.from_pretrained(onto).ar_guidance_edit == 1.0
     with pytest.raises(ValueError, match="ar_guidance"):
-        export(full, tmp_path / "bad", preset="debug", ar_guidance=-1)
+        export(full, tmp_path / "bad", preset="debug", ar_guidance_edit=-1)
     assert not (tmp_path / "bad").exists()
 
 

@@ -132,6 +132,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ar-guidance", type=float, default=None, metavar="S",
                    help="record S as the model's AR guidance default (model_index.json; an AR trained with "
                         "--text-dropout)")
+    p.add_argument("--ar-guidance-edit", type=float, default=None, metavar="S",
+                   help="record S as the model's AR guidance default for edits (default: --ar-guidance's)")
 
 
 def run_train(args) -> None:
@@ -236,7 +238,7 @@ def run_train(args) -> None:
 def run_export(args) -> None:
     from glmimage.train.export import export
     path = export(Path(args.out), Path(args.to), preset=args.preset, dtype=args.dtype, base=args.base,
-                  ar_guidance=args.ar_guidance)
+                  ar_guidance=args.ar_guidance, ar_guidance_edit=args.ar_guidance_edit)
     print(f"wrote {path}")
 
 

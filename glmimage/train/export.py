@@ -108,17 +108,17 @@ def load_models(preset: TrainPreset, run_dir: Path) -> dict:
 
 
 def export(run_dir: Path, to: Path, preset: str = "small", dtype: str = "auto", base: Path | None = None,
-           ar_guidance: float | None = None) -> Path:
-    """The run's model in the official layout at `to` (see the module docstring). ar_guidance: recorded in
-    model_index.json's "glmimage" entry as the model's AR guidance default (pipeline.ar_guidance; None: left as the
-    base model has it, else off)."""
+           ar_guidance: float | None = None, ar_guidance_edit: float | None = None) -> Path:
+    """The run's model in the official layout at `to` (see the module docstring). ar_guidance, ar_guidance_edit:
+    recorded in model_index.json's "glmimage" entry as the model's AR guidance defaults for text-to-image and for
+    edits (pipeline.Pipeline.ar_guidance / ar_guidance_edit; None: left as the base model has them, else off)."""
     from glmimage.ar import check_ar_guidance
-    if ar_guidance is not None:
-        check_ar_guidance(ar_guidance)                  # before anything is written
+    scales = {k: check_ar_guidance(v) for k, v in (("ar_guidance", ar_guidance),    # before anything is written
+                                                    ("ar_guidance_edit", ar_guidance_edit)) if v is not None}
     to = export_files(run_dir, to, preset, dtype, base)
-    if ar_guidance is not None:
+    if scales:
         index = json.loads((to / "model_index.json").read_text())
-        index["glmimage"] = {**index.get("glmimage", {}), "ar_guidance": float(ar_guidance)}
+        index["glmimage"] = {**index.get("glmimage", {}), **scales}
         (to / "model_index.json").write_text(json.dumps(index, indent=2))
     return to
 
